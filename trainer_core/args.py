@@ -1,0 +1,185 @@
+"""Training arguments under the Hugging Face `TrainingArguments` names.
+
+The same dataclass is the Hydra schema of the `trainer` config group (flows/config.py) and the
+arguments of `trainer_core.Trainer`, so a key means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+STRATEGIES = ("no", "steps", "epoch")
+PRECISIONS = ("no", "fp16", "bf16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
+
+
+@dataclass
+class TrainingArguments:
+    # --- steps and batches -------------------------------------------------------------------
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW (reached after warmup)."""
+    num_train_epochs: float = 3.0
+    """Epochs to train; ignored when max_steps > 0."""
+    max_steps: int = -1
+    """Optimizer steps to train; wins over num_train_epochs when > 0."""
+    per_device_train_batch_size: int = 8
+    """Samples per process per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Samples per process per evaluation batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+
+    # --- optimisation ------------------------------------------------------------------------
+    weight_decay: float = 0.0
+    """AdamW weight decay; never applied to biases and LayerNorm weights."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    lr_scheduler_type: str = "linear"
+    """One of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the scheduler (e.g. num_cycles, power)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming up; warmup_steps wins when > 0."""
+    warmup_steps: int = 0
+    optimizer: dict[str, Any] | None = None
+    """`{_target_: torch.optim.SGD, momentum: 0.9}`: an optimizer class called with (param_groups, lr=...)."""
+    lr_scheduler: dict[str, Any] | None = None
+    """`{_target_: ...}`: a scheduler class called with (optimizer, **kwargs); replaces lr_scheduler_type."""
+    loss: dict[str, Any] | None = None
+    """`{_target_: trainer_core.losses.WeightedCrossEntropy, class_weights: [1.0, 3.0]}`: replaces the task loss."""
+    seed: int = 42
+
+    # --- precision and memory ----------------------------------------------------------------
+    mixed_precision: str = "no"
+    """no, fp16 or bf16 (through Accelerate)."""
+    gradient_checkpointing: bool = False
+
+    # --- regularisation ----------------------------------------------------------------------
+    label_smoothing_factor: float = 0.0
+    neftune_noise_alpha: float | None = None
+    """NEFTune: uniform noise on input embeddings during training only."""
+    group_by_length: bool = False
+    """Batch samples of similar length together (less padding), still shuffled and seeded."""
+
+    # --- strategies --------------------------------------------------------------------------
+    logging_steps: int = 10
+    logging_first_step: bool = False
+    eval_strategy: str = "no"
+    eval_steps: int | None = None
+    """Evaluate every eval_steps optimizer steps (eval_strategy=steps); defaults to logging_steps."""
+    save_strategy: str = "steps"
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints; the best one is never deleted."""
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None
+    """Name of an eval metric, with or without the `eval_` prefix (default: loss)."""
+    greater_is_better: bool | None = None
+    """Defaults to False for metrics ending in loss, True otherwise."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement (needs an eval strategy)."""
+    early_stopping_threshold: float = 0.0
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    """`[{_target_: my_pkg.MyCallback, arg: 1}]`: TrainerCallback classes added to the run."""
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: str = "info"
+    """Log level of the main process."""
+    log_level_replica: str = "warning"
+    """Log level of the other processes."""
+    log_on_each_node: bool = True
+    """With several machines, log from the local main process of each (else only the global one)."""
+    disable_tqdm: bool = False
+
+    # --- resume ------------------------------------------------------------------------------
+    resume_from_checkpoint: str | None = None
+    """None: resume from the newest complete checkpoint of the run, if any. A path: that checkpoint."""
+
+    def validate(self) -> list[str]:
+        """Every problem with these arguments, as 'key: what is wrong and what to do'."""
+        errors: list[str] = []
+
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                errors.append(f"trainer.{name}={getattr(self, name)}: must be > 0.")
+
+        for name in ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            positive(name)
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            errors.append("trainer.max_steps / trainer.num_train_epochs: set max_steps > 0 or num_train_epochs > 0.")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            errors.append(f"trainer.warmup_ratio={self.warmup_ratio}: must be within [0, 1] (a fraction of the steps).")
+        if self.warmup_steps < 0:
+            errors.append(f"trainer.warmup_steps={self.warmup_steps}: must be >= 0.")
+        if self.lr_scheduler_type not in SCHEDULERS and self.lr_scheduler is None:
+            errors.append(f"trainer.lr_scheduler_type={self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}.")
+        if self.mixed_precision not in PRECISIONS:
+            errors.append(f"trainer.mixed_precision={self.mixed_precision!r}: use one of {', '.join(PRECISIONS)}.")
+        for name in ("eval_strategy", "save_strategy"):
+            if getattr(self, name) not in STRATEGIES:
+                errors.append(f"trainer.{name}={getattr(self, name)!r}: use one of {', '.join(STRATEGIES)}.")
+        for name in ("log_level", "log_level_replica"):
+            if getattr(self, name) not in LOG_LEVELS:
+                errors.append(f"trainer.{name}={getattr(self, name)!r}: use one of {', '.join(LOG_LEVELS)}.")
+        if self.save_strategy == "steps" and self.save_steps <= 0:
+            errors.append(f"trainer.save_steps={self.save_steps}: must be > 0 with save_strategy=steps.")
+        if self.eval_strategy == "steps" and self.eval_steps is not None and self.eval_steps <= 0:
+            errors.append(f"trainer.eval_steps={self.eval_steps}: must be > 0 with eval_strategy=steps.")
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            errors.append(f"trainer.save_total_limit={self.save_total_limit}: must be > 0 or null (keep all).")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            errors.append(f"trainer.label_smoothing_factor={self.label_smoothing_factor}: must be within [0, 1).")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
+            errors.append(f"trainer.neftune_noise_alpha={self.neftune_noise_alpha}: must be > 0 or null (off).")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no":
+                errors.append("trainer.load_best_model_at_end=true needs an eval strategy: set trainer.eval_strategy to steps or epoch.")
+            elif self.save_strategy != self.eval_strategy:
+                errors.append(
+                    f"trainer.load_best_model_at_end=true needs save_strategy to match eval_strategy "
+                    f"(got save_strategy={self.save_strategy!r}, eval_strategy={self.eval_strategy!r}): set both to the same value."
+                )
+            elif self.eval_strategy == "steps" and self.save_steps % self.resolved_eval_steps() != 0:
+                errors.append(
+                    f"trainer.load_best_model_at_end=true needs save_steps ({self.save_steps}) to be a multiple of "
+                    f"eval_steps ({self.resolved_eval_steps()}): every checkpoint must have been evaluated."
+                )
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience <= 0:
+                errors.append(f"trainer.early_stopping_patience={self.early_stopping_patience}: must be > 0 or null (off).")
+            if self.eval_strategy == "no":
+                errors.append("trainer.early_stopping_patience needs evaluations: set trainer.eval_strategy to steps or epoch.")
+        return errors
+
+    # --- derived quantities ------------------------------------------------------------------
+    def resolved_eval_steps(self) -> int:
+        return self.eval_steps if self.eval_steps else self.logging_steps
+
+    def best_metric_key(self) -> str:
+        """The metric compared for the best model, with the `eval_` prefix."""
+        name = self.metric_for_best_model or "loss"
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    def resolved_greater_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.best_metric_key().endswith("loss")
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of total_steps optimizer steps (warmup_steps wins when > 0)."""
+        import math
+
+        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(total_steps * self.warmup_ratio)

@@ -1,0 +1,81 @@
+"""The run spec: everything a rank needs to train, written by stages/train.py as JSON.
+
+    accelerate launch --config_file <run_dir>/accelerate.yaml -m trainer_core.run --spec <run_dir>/spec.json
+
+Plain JSON in, so that trainer_core stays free of prefect, hydra and mlflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer_core.args import TrainingArguments
+
+
+@dataclass
+class TaskSpec:
+    family: str = "text_classification"
+    """Module under trainer_core/tasks/ that knows how to build the model, collate, score."""
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    """One column, or two for sentence pairs (already tokenized in the dataset on disk)."""
+    num_labels: int = 2
+    """1 means regression."""
+    label_names: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+@dataclass
+class ModelSpec:
+    name_or_path: str | None = None
+    """A local folder or Hub id of pretrained weights; None builds from `config` with random weights."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Model config for random init (`model_type` plus sizes), or overrides of the pretrained config."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dropout: float | None = None
+    """Override every dropout probability of the model (0 for exactly reproducible comparisons)."""
+
+
+@dataclass
+class RunSpec:
+    args: TrainingArguments
+    task: TaskSpec
+    model: ModelSpec
+    dataset_dir: str
+    """`datasets.load_from_disk` folder with tokenized splits (input_ids, attention_mask, ..., labels)."""
+    tokenizer_dir: str
+    plan_path: str
+    """Batch plan written by stages/build_dataloaders (see trainer_core.data)."""
+    output_dir: str
+    """Run folder: checkpoints/, final/, metrics.jsonl, train_result.json."""
+    config_hash: str = ""
+    """Hash of the config that decides the weights; a checkpoint from another config is refused."""
+    mlflow_run_id: str | None = None
+    """Recorded in checkpoints only; trainer_core never talks to MLflow."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
+        raw = dict(raw)
+        return cls(
+            args=TrainingArguments(**raw.pop("args")),
+            task=TaskSpec(**raw.pop("task")),
+            model=ModelSpec(**raw.pop("model")),
+            **raw,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSpec:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,81 @@
+"""Pieces shared by task modules: building a model from a ModelSpec, padding without a tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedModel
+
+from trainer_core.spec import ModelSpec, TaskSpec
+
+
+def label_maps(task_spec: TaskSpec) -> dict[str, Any]:
+    names = task_spec.label_names or [f"LABEL_{i}" for i in range(task_spec.num_labels)]
+    return {
+        "num_labels": task_spec.num_labels,
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+def _dropout_overrides(config: Any, dropout: float | None) -> dict[str, float]:
+    if dropout is None:
+        return {}
+    return {key: dropout for key in config.to_dict() if "dropout" in key and isinstance(getattr(config, key), float)}
+
+
+def build_model(auto_class: Any, model_spec: ModelSpec, task_spec: TaskSpec) -> PreTrainedModel:
+    """Pretrained weights from name_or_path, or random init from `config` when name_or_path is None."""
+    labels = label_maps(task_spec)
+    if model_spec.name_or_path is None:
+        cfg = dict(model_spec.config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.config needs a model_type (e.g. bert) when model.name_or_path is null.")
+        config = AutoConfig.for_model(model_type, **cfg, **labels)
+        # every *dropout* prob, so that dropout=0 really gives a deterministic model
+        for key, value in _dropout_overrides(config, model_spec.dropout).items():
+            setattr(config, key, value)
+        return auto_class.from_config(config, trust_remote_code=model_spec.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        model_spec.name_or_path, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
+        **model_spec.config,
+    )
+    overrides = _dropout_overrides(config, model_spec.dropout)
+    return auto_class.from_pretrained(
+        model_spec.name_or_path, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
+        **labels, **model_spec.config, **overrides,
+    )
+
+
+def pad_collator(tokenizer: Any = None, label_pad: int | None = None) -> Callable[[list[dict]], dict]:
+    """DataCollatorWithPadding with a tokenizer; without one, right-pad with 0 (tests, pre-tokenized data).
+
+    label_pad: pad value of sequence labels (token tasks: -100); None when labels are one per example.
+    """
+    if tokenizer is not None and label_pad is None:
+        return DataCollatorWithPadding(tokenizer)
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        keys = [k for k in features[0] if k != "labels"]
+        if tokenizer is not None:
+            batch = dict(tokenizer.pad([{k: f[k] for k in keys} for f in features], return_tensors="pt"))
+        else:
+            width = max(len(f["input_ids"]) for f in features)
+            for key in keys:
+                rows = [list(f[key]) + [0] * (width - len(f[key])) for f in features]
+                batch[key] = torch.tensor(rows, dtype=torch.long)
+        if "labels" in features[0]:
+            if label_pad is None:
+                batch["labels"] = torch.tensor([f["labels"] for f in features])
+            else:
+                width = batch["input_ids"].shape[1]
+                batch["labels"] = torch.tensor(
+                    [list(f["labels"]) + [label_pad] * (width - len(f["labels"])) for f in features], dtype=torch.long
+                )
+        return batch
+
+    return collate
