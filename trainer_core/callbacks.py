@@ -70,6 +70,9 @@ class TrainerState:
     best_model_checkpoint: str | None = None
     train_loss_sum: float = 0.0
     """Sum of the per-step losses so far, so that training_loss survives a resume."""
+    window_loss_sum: float = 0.0
+    """Sum of the step losses since the last log (a resumed run logs the same mean)."""
+    last_logged_step: int = 0
     is_local_process_zero: bool = True
     is_world_process_zero: bool = True
     stateful_callbacks: dict[str, Any] = field(default_factory=dict)
@@ -262,7 +265,8 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main_process or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, "metrics": logs}
+        metrics = {k: v for k, v in logs.items() if k != "epoch"}
+        record = {"step": state.global_step, "epoch": state.epoch, "metrics": metrics}
         f = self._open()
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()

@@ -1,0 +1,90 @@
+"""Entry point of one training run, under `accelerate launch` (or plain python for one process).
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m trainer_core.run --spec spec.json
+    accelerate launch --config_file <run_dir>/accelerate.yaml -m trainer_core.run --spec <run_dir>/spec.json
+
+Reads the RunSpec (trainer_core.spec), the tokenized splits, the tokenizer and the batch plan, trains (resuming
+from the newest complete checkpoint) and writes <output_dir>/final/. Exit code 0 means final/ exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer_core.spec import RunSpec
+
+logger = logging.getLogger("trainer_core")
+
+
+def _load_tokenizer(tokenizer_dir: str | None) -> Any:
+    if not tokenizer_dir or not Path(tokenizer_dir).exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train: bool = True) -> Any:
+    """A Trainer for `spec`: on a fresh model for training, or on the saved model in `model_dir` (e.g.
+    <output_dir>/final) for the evaluate / predict stages (no training data, no plan needed)."""
+    import datasets
+    from transformers import set_seed
+
+    from trainer_core.data import BatchPlan
+    from trainer_core.tasks import get_task
+    from trainer_core.trainer import Trainer
+
+    task = get_task(spec.task.family)
+    splits = datasets.load_from_disk(spec.dataset_dir)
+    train = splits[spec.task.train_split] if with_train and model_dir is None else None
+    evaluation = splits[spec.task.eval_split] if spec.task.eval_split in splits else None
+    tokenizer = _load_tokenizer(spec.tokenizer_dir)
+    # same seed on every rank: the same initial weights everywhere, before DDP even broadcasts them
+    set_seed(spec.args.seed)
+    if model_dir is not None:
+        from dataclasses import replace
+
+        model = task.build_model(replace(spec.model, name_or_path=str(model_dir), config={}, revision=None),
+                                 spec.task)
+        plan = None
+    else:
+        model = task.build_model(spec.model, spec.task)
+        plan = BatchPlan.load(spec.plan_path)
+    args = spec.args
+    if model_dir is not None:
+        from dataclasses import replace
+
+        # scoring only: no strategies that would need a training run
+        args = replace(args, eval_strategy="no", load_best_model_at_end=False, early_stopping_patience=None,
+                       callbacks=[])
+    return Trainer(
+        model, args, train_dataset=train, eval_dataset=evaluation, batch_plan=plan, output_dir=spec.output_dir,
+        task=task, task_spec=spec.task, tokenizer=tokenizer, config_hash=spec.config_hash,
+        mlflow_run_id=spec.mlflow_run_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="run spec JSON written by stages/train.py")
+    cli = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = RunSpec.load(cli.spec)
+    trainer = build_trainer(spec)
+    try:
+        result = trainer.train()
+        trainer.save_final()
+        logger.info("Training done: global_step=%d training_loss=%.6f", result.global_step, result.training_loss)
+    finally:
+        trainer.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())
