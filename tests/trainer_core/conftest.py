@@ -58,3 +58,39 @@ def _single_process_env(monkeypatch):
     # the Trainer reads WORLD_SIZE before building its Accelerator; in-process tests are one process
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     yield
+
+
+def make_trainer(output_dir, *, train_n=24, eval_n=12, model=None, callback_objects=None, compute_metrics=None,
+                 family="text_classification", metrics=("accuracy",), dropout=0.0, shuffle=True, **overrides):
+    """A small Trainer: 24 samples, batch 8, learning rate 1e-2, no tqdm; any TrainingArguments overridable."""
+    from trainer_core.args import TrainingArguments
+    from trainer_core.data import build_batch_plan
+    from trainer_core.spec import TaskSpec
+    from trainer_core.tasks import get_task
+    from trainer_core.trainer import Trainer
+
+    values = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=6, learning_rate=1e-2,
+                  logging_steps=1, save_strategy="no", disable_tqdm=True, seed=11)
+    values.update(overrides)
+    args = TrainingArguments(**values)
+    train = make_dataset(train_n, seed=1, token_level=family == "token_classification")
+    evaluation = make_dataset(eval_n, seed=2, token_level=family == "token_classification")
+    plan = build_batch_plan(len(train), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                            args.num_train_epochs, args.max_steps, args.seed, shuffle=shuffle)
+    if model is None:
+        model = tiny_model(dropout=dropout, family=family, seed=3)
+    return Trainer(model, args, train_dataset=train, eval_dataset=evaluation, batch_plan=plan,
+                   output_dir=output_dir, task=get_task(family), task_spec=TaskSpec(family=family, metrics=list(metrics)),
+                   callbacks=callback_objects, compute_metrics=compute_metrics)
+
+
+class Scripted:
+    """compute_metrics returning a scripted accuracy sequence (one value per evaluation)."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def __call__(self, predictions, label_ids):
+        value = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        return {"accuracy": value}

@@ -1,0 +1,129 @@
+"""Strategies judged by what a run leaves behind: log lines, evaluations, checkpoint folders, weights."""
+
+import json
+
+import pytest
+import torch
+from conftest import Scripted, make_trainer
+from safetensors.torch import load_file
+
+from trainer_core import checkpoint as ckpt
+from trainer_core.callbacks import TrainerCallback
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(output_dir):
+    return [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(output_dir)]
+
+
+def test_logged_evaluated_and_saved_steps(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, logging_steps=3, eval_strategy="steps", eval_steps=4,
+                           save_strategy="steps", save_steps=4)
+    result = trainer.train()
+    records = _jsonl(tmp_path)
+    assert [r["step"] for r in records if "loss" in r["metrics"]] == [3, 6, 9]
+    assert [r["step"] for r in records if "eval_loss" in r["metrics"]] == [4, 8]
+    assert {"loss", "learning_rate", "grad_norm"} <= records[0]["metrics"].keys()
+    assert {"eval_loss", "eval_accuracy"} <= records[1]["metrics"].keys()
+    # steps 4 and 8, and the last step always under a steps strategy
+    assert _steps(tmp_path) == [4, 8, 10]
+    assert result.global_step == 10
+    # an epoch is 3 steps of 8 samples: epoch of step 4 is 1 + 1/3
+    assert records[1]["epoch"] == pytest.approx(4 / 3)
+
+
+def test_epoch_strategies(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=-1, num_train_epochs=2, logging_steps=100, eval_strategy="epoch",
+                           save_strategy="epoch")
+    trainer.train()
+    assert [r["step"] for r in _jsonl(tmp_path) if "eval_loss" in r["metrics"]] == [3, 6]
+    assert _steps(tmp_path) == [3, 6]
+
+
+def test_rotation_keeps_best_and_best_is_loaded_at_end(tmp_path):
+    # the best accuracy comes from the first evaluation (step 2); later ones are worse
+    trainer = make_trainer(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                           save_steps=2, save_total_limit=2, load_best_model_at_end=True,
+                           metric_for_best_model="accuracy", compute_metrics=Scripted([0.9, 0.5, 0.6, 0.4, 0.3]))
+    trainer.train()
+    best = ckpt.checkpoint_dir(tmp_path, 2)
+    assert trainer.state.best_model_checkpoint == str(best)
+    assert trainer.state.best_metric == 0.9
+    assert _steps(tmp_path) == [2, 10]  # the best survives rotation, plus the newest
+    saved = load_file(str(best / "model.safetensors"))
+    model = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    for name, value in saved.items():
+        assert torch.equal(model[name], value), name
+    last = load_file(str(ckpt.checkpoint_dir(tmp_path, 10) / "model.safetensors"))
+    assert not torch.equal(last["classifier.weight"], saved["classifier.weight"])
+
+
+def test_rotation_without_best(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=7, save_strategy="steps", save_steps=2, save_total_limit=2)
+    trainer.train()
+    assert _steps(tmp_path) == [6, 7]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_early_stopping_end_step(tmp_path):
+    # best at eval 1 (step 2); evals 2 and 3 do not improve by more than the threshold -> stop at step 6
+    trainer = make_trainer(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=2, metric_for_best_model="accuracy",
+                           early_stopping_patience=2, early_stopping_threshold=0.05,
+                           compute_metrics=Scripted([0.5, 0.52, 0.54, 0.9]))
+    result = trainer.train()
+    assert result.global_step == 6
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2, 4, 6]
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            events = object.__getattribute__(self, "events")
+
+            def record(args, state, control, **kwargs):
+                events.append((name, state.global_step))
+
+            return record
+        return object.__getattribute__(self, name)
+
+
+def test_callback_event_order(tmp_path):
+    # 24 samples, batch 8, accumulation 2: an epoch is a step of 2 micro-batches then a step of 1
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, max_steps=4, gradient_accumulation_steps=2, logging_steps=2,
+                           callback_objects=[recorder])
+    trainer.train()
+    assert recorder.events == [
+        ("on_init_end", 0), ("on_train_begin", 0),
+        ("on_epoch_begin", 0), ("on_step_begin", 0), ("on_substep_end", 0), ("on_step_end", 1),
+        ("on_step_begin", 1), ("on_step_end", 2), ("on_log", 2), ("on_epoch_end", 2),
+        ("on_epoch_begin", 2), ("on_step_begin", 2), ("on_substep_end", 2), ("on_step_end", 3),
+        ("on_step_begin", 3), ("on_step_end", 4), ("on_log", 4), ("on_epoch_end", 4),
+        ("on_train_end", 4),
+    ]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_callback_stops_training(tmp_path):
+    result = make_trainer(tmp_path, max_steps=20, callback_objects=[StopAt(3)]).train()
+    assert result.global_step == 3
+
+
+def test_callbacks_from_config(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=20, callbacks=[{"_target_": "test_strategies.StopAt", "step": 2}])
+    assert trainer.train().global_step == 2
