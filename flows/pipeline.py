@@ -1,0 +1,94 @@
+"""The finetune flow: six cached stages, one MLflow run.
+
+    from flows.pipeline import finetune
+    report = finetune(["task=glue", "trainer.learning_rate=3e-5"])
+
+The parameters are Hydra overrides, so a scheduled deployment run is exactly the CLI run. Use
+`python -m flows.finetune` from a shell: it sets the environment up before Prefect is imported.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.config import compose
+from stages.build_dataloaders import BatchGeometry, build_dataloaders
+from stages.evaluate import evaluate
+from stages.predict import predict
+from stages.prepare_data import prepare_data
+from stages.register import register
+from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
+from stages.train import train
+
+
+def _run(stage, *args: Any, report: dict[str, str], **kwargs: Any) -> Any:
+    """Call a stage task, note whether Prefect served it from cache, return its result (raising on failure)."""
+    state = stage(*args, return_state=True, **kwargs)
+    result = state.result()  # raises the stage's exception if it failed
+    report[stage.name] = "cached" if state.name == "Cached" else "ran"
+    return result
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune, evaluate, predict and register, as configured by conf/ plus these Hydra overrides."""
+    started = time.monotonic()
+    cfg = compose(overrides or [])
+    logger = get_run_logger()
+    run = open_run(cfg, flow_run_id=str(flow_run.get_id() or ""))
+    stages: dict[str, str] = {}
+    try:
+        data = _run(prepare_data, cfg.task, cfg.model, cfg.paths, report=stages)
+        plan = _run(build_dataloaders, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
+        trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds)
+        model = _run(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, report=stages)
+        metrics = _run(evaluate, model, data, cfg.paths, report=stages)
+        predictions = _run(predict, model, data, cfg.task.test_has_labels, cfg.paths, report=stages)
+        final = {f"validation_{k}": v for k, v in metrics.metrics.items()}
+        final.update({f"test_{k}": v for k, v in predictions.metrics.items()})
+        log_metrics(run, final, step=model.global_step)
+        client(run.tracking_uri).log_artifact(run.run_id, predictions.path, "predictions")
+        version = _run(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run,
+                       report=stages)
+    except BaseException:
+        end_run(run, "FAILED")
+        raise
+    end_run(run, "FINISHED")
+    report = {
+        "mlflow_run_id": run.run_id,
+        "tracking_uri": run.tracking_uri,
+        "model_name": version.name,
+        "model_version": version.version,
+        "aliases": version.aliases,
+        "metrics": final,
+        "global_step": model.global_step,
+        "stages": stages,
+        "run_dir": model.run_dir,
+        "predictions": predictions.path,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    _publish(report)
+    logger.info("finetune: %s", report)
+    return report
+
+
+def _publish(report: dict[str, Any]) -> None:
+    """A Prefect artifact with the final metrics, the model version and a link to the MLflow run."""
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in report["metrics"].items())
+    link = report["tracking_uri"]
+    if link.startswith("http"):
+        link = f"[{report['mlflow_run_id']}]({link.rstrip('/')}/#/runs/{report['mlflow_run_id']})"
+    else:
+        link = f"`{report['mlflow_run_id']}` in `{link}` (open with `mlflow ui --backend-store-uri {link}`)"
+    markdown = (
+        f"# finetune: {report['model_name']} v{report['model_version']}\n\n"
+        f"Aliases: {', '.join(report['aliases']) or 'none'} · MLflow run: {link}\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n\n"
+        f"Stages: {', '.join(f'{k} ({v})' for k, v in report['stages'].items())}\n"
+    )
+    create_markdown_artifact(markdown=markdown, key="finetune-report", description="Final metrics of the finetune flow")

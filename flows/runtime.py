@@ -1,0 +1,35 @@
+"""Process environment for a flow run, set before prefect, mlflow or transformers are imported.
+
+Prefect reads its settings at import: its home, its result storage and its telemetry switch must be in the
+environment first. Paths are absolute (Hydra-style chdirs would otherwise split a relative home).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def configure(root: str | Path) -> None:
+    root = Path(root).resolve()
+    (root / "prefect").mkdir(parents=True, exist_ok=True)
+    defaults = {
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect" / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_DATASETS_CACHE": str(root / "hf-datasets"),
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    # Prefect's own settings win over a user's profile for these two: our cache lives under paths.root.
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(root / "prefect" / "results")
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

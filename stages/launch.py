@@ -1,0 +1,119 @@
+"""The `hardware` config group → an accelerate launch YAML, the launch command and its environment.
+
+    cmd, env = launch_command(hardware, config_file, ["-m", "trainer_core.run", "--spec", spec])
+
+Two traps of accelerate 1.x on CPU handled here: `--cpu --num_processes 2` (and a config file with
+distributed_type MULTI_CPU or use_cpu: true) silently starts ranks that each see world size 1. Real DDP over
+gloo needs the multi-GPU launcher with ACCELERATE_USE_CPU=true in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.config import ConfigError, HardwareConfig
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> dict[str, Any]:
+    """The accelerate launch YAML for this hardware (written next to the run for reproduction)."""
+    distributed = hardware.distributed_type
+    if hardware.use_cpu and distributed == "MULTI_CPU":
+        distributed = "MULTI_GPU"  # with ACCELERATE_USE_CPU=true: the only way to get real gloo ranks
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": distributed,
+        "num_processes": hardware.num_processes,
+        "num_machines": hardware.num_machines,
+        "machine_rank": hardware.machine_rank,
+        "mixed_precision": mixed_precision,
+        "use_cpu": hardware.use_cpu,
+        "rdzv_backend": hardware.rdzv_backend,
+        "same_network": hardware.num_machines == 1,
+        "main_training_function": "main",
+        "debug": False,
+    }
+    if hardware.num_processes > 1 or hardware.num_machines > 1:
+        config["main_process_ip"] = hardware.main_process_ip or "127.0.0.1"
+        config["main_process_port"] = hardware.main_process_port or free_port()
+    if hardware.gpu_ids is not None:
+        config["gpu_ids"] = hardware.gpu_ids
+    if distributed == "FSDP":
+        config["fsdp_config"] = dict(hardware.fsdp_config)
+    if distributed == "DEEPSPEED":
+        config["deepspeed_config"] = dict(hardware.deepspeed_config)
+    return config
+
+
+def preflight(hardware: HardwareConfig, mixed_precision: str = "no") -> None:
+    """Refuse hardware this machine cannot provide, before anything expensive starts."""
+    errors: list[str] = []
+    if hardware.use_cpu and mixed_precision == "fp16":
+        errors.append(
+            f"trainer.mixed_precision=fp16 needs a GPU but hardware={hardware.name} runs on the CPU: "
+            "use trainer.mixed_precision=no (or bf16), or a GPU hardware config."
+        )
+    if not hardware.use_cpu:
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        local = hardware.num_processes // max(hardware.num_machines, 1)
+        if visible < local:
+            errors.append(
+                f"hardware={hardware.name} needs {local} GPU(s) per machine but {visible} are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
+                f"Use hardware=cpu or hardware=ddp_2cpu here."
+            )
+        elif mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+            errors.append(f"hardware={hardware.name}: bf16 is not supported by this GPU; set trainer.mixed_precision=fp16 or no.")
+    if hardware.distributed_type == "DEEPSPEED":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            errors.append(
+                f"hardware={hardware.name} needs DeepSpeed, which is not installed: pip install -e '.[deepspeed]', "
+                "or use hardware=fsdp_2gpu."
+            )
+    if hardware.num_machines > 1 and not hardware.main_process_ip:
+        errors.append(
+            f"hardware={hardware.name}: num_machines={hardware.num_machines} needs the rendezvous address: set "
+            "hardware.main_process_ip (or MASTER_ADDR) and hardware.main_process_port (or MASTER_PORT)."
+        )
+    if errors:
+        raise ConfigError("The hardware config cannot run here:\n - " + "\n - ".join(errors))
+
+
+def write_accelerate_config(hardware: HardwareConfig, path: Path, mixed_precision: str = "no") -> Path:
+    path.write_text(yaml.safe_dump(accelerate_config(hardware, mixed_precision), sort_keys=True))
+    return path
+
+
+def launch_command(hardware: HardwareConfig, config_file: Path, program: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of `accelerate launch --config_file ... <program>`."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    env = dict(os.environ)
+    if hardware.use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+        local = max(hardware.num_processes // max(hardware.num_machines, 1), 1)
+        threads = hardware.threads_per_process or max((os.cpu_count() or 1) // local, 1)
+        env["OMP_NUM_THREADS"] = str(threads)
+    # Ranks import trainer_core from the repo, wherever the flow was started from.
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    # The ranks' output lands in a log, not a terminal: a progress-bar frame every 10 s, not every step.
+    env.setdefault("TQDM_MININTERVAL", "10")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return [accelerate, "launch", "--config_file", str(config_file), *program], env

@@ -1,0 +1,204 @@
+"""Stage 6: log the model to the flow's MLflow run, register it, move the aliases → ModelVersionRef.
+
+Every new version gets alias `candidate`. `champion` moves only through the promotion gate: the configured
+metric reaches its threshold and is no worse than the current champion's on the same eval data. The gate's
+decision and numbers are recorded as tags on the version, next to the lineage tags. Registering the same
+weights again reuses their version (looked up by the weights' SHA-256).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+from prefect import task
+
+from flows.config import PathsConfig, RegistryConfig, TaskConfig
+from stages.caching import REPO, begin_stage, cache_key_fn, code_version, stage_logger
+from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
+from stages.tracking import RunInfo, client
+
+NAME = "register"
+CODE = ("stages.register", "stages.serving_model")
+CANDIDATE, CHAMPION = "candidate", "champion"
+SERVING_CODE = Path(__file__).with_name("serving_model.py")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    value: float | None
+    champion_version: str | None = None
+    champion_value: float | None = None
+
+    def tags(self, registry: RegistryConfig) -> dict[str, str]:
+        return {
+            "gate.decision": "promoted" if self.promote else "not_promoted",
+            "gate.reason": self.reason,
+            "gate.metric": registry.champion_metric,
+            "gate.value": str(self.value),
+            "gate.threshold": str(registry.champion_threshold),
+            "gate.champion_version": str(self.champion_version),
+            "gate.champion_value": str(self.champion_value),
+        }
+
+
+def gate(mlflow_client, registry: RegistryConfig, metrics: dict[str, float], data_fingerprint: str) -> GateDecision:
+    """Decide whether a version with these validation metrics may take `champion`."""
+    from mlflow.exceptions import MlflowException
+
+    metric = registry.champion_metric
+    value = metrics.get(metric)
+    better = (lambda a, b: a >= b) if registry.greater_is_better else (lambda a, b: a <= b)
+    if value is None:
+        return GateDecision(False, f"no validation metric {metric!r}", None)
+    if not better(value, registry.champion_threshold):
+        return GateDecision(False, f"{metric}={value:.4f} misses the threshold {registry.champion_threshold}", value)
+    try:
+        champion = mlflow_client.get_model_version_by_alias(registry.model_name, CHAMPION)
+    except MlflowException:
+        return GateDecision(True, f"{metric}={value:.4f} reaches {registry.champion_threshold}; no champion yet", value)
+    champion_value = float(champion.tags.get(f"metric.{metric}", "nan"))
+    if champion.tags.get("data_fingerprint") != data_fingerprint:
+        return GateDecision(
+            False, "the champion was evaluated on other data; compare by hand and promote with flows.registry",
+            value, champion.version, champion_value,
+        )
+    if champion_value == champion_value and not better(value, champion_value):  # nan: champion without the metric
+        return GateDecision(
+            False, f"{metric}={value:.4f} is worse than champion v{champion.version} ({champion_value:.4f})",
+            value, champion.version, champion_value,
+        )
+    return GateDecision(
+        True, f"{metric}={value:.4f} reaches {registry.champion_threshold} and is no worse than v{champion.version}",
+        value, champion.version, champion_value,
+    )
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Path) -> Path:
+    """An MLflow pyfunc folder: our serving code as source, the safetensors weights and tokenizer as artifacts."""
+    import datasets
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    weights = out / "weights"
+    shutil.copytree(model.path, weights)
+    (weights / "serving.json").write_text(json.dumps({
+        "text_columns": data.text_columns, "label_names": data.label_names, "max_seq_length": task.max_seq_length,
+    }))
+    validation = datasets.load_from_disk(data.dataset_dir)["validation"]
+    example = pd.DataFrame({c: validation[c][:2] for c in data.text_columns})
+    label_type = "double" if task.num_labels == 1 else "string"
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", c) for c in data.text_columns]),
+        outputs=Schema([ColSpec(label_type, "label"), ColSpec("double", "score")]),
+    )
+    requirements = [f"{p}=={installed_version(p)}" for p in ("torch", "transformers", "mlflow", "pandas", "safetensors")]
+    package = out / "model"
+    mlflow.pyfunc.save_model(
+        path=str(package),
+        python_model=str(SERVING_CODE),
+        artifacts={"model_dir": str(weights)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=[r.replace("+cpu", "") for r in requirements],
+    )
+    return package
+
+
+def _existing_version(mlflow_client, name: str, fingerprint: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client.search_model_versions(f"name = '{name}' and tags.model_fingerprint = '{fingerprint}'")
+    except MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: dict[str, str]):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    for _ in range(300):
+        if version.status == "READY":
+            break
+        time.sleep(1)
+        version = mlflow_client.get_model_version(name, version.version)
+    return version
+
+
+@task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+def register(
+    model: ModelRef,
+    metrics: MetricsRef,
+    data: DatasetRef,
+    task: TaskConfig,
+    registry: RegistryConfig,
+    tracking_uri: str,
+    paths: PathsConfig,
+    run: RunInfo,
+) -> ModelVersionRef:
+    """Register `model` as registry.model_name; alias candidate; champion if the gate passes."""
+    out = begin_stage(NAME, {"model": model, "metrics": metrics, "data": data, "task": task, "registry": registry,
+                             "tracking_uri": tracking_uri, "paths": paths, "run": run}, CODE)
+    log = stage_logger()
+    mlflow_client = client(tracking_uri)
+    name = registry.model_name
+    version = _existing_version(mlflow_client, name, model.fingerprint)
+    if version is not None:
+        log.info("register: these weights are already %s v%s; reusing it", name, version.version)
+    else:
+        package = _package_model(model, data, task, out)
+        mlflow_client.log_artifacts(run.run_id, str(package), "model")
+        source = f"{mlflow_client.get_run(run.run_id).info.artifact_uri}/model"
+        spec = json.loads(Path(model.spec_path).read_text())
+        lineage = {
+            "model_fingerprint": model.fingerprint,
+            "config_hash": spec.get("config_hash", ""),
+            "data_fingerprint": data.fingerprint,
+            "tokenizer_hash": data.tokenizer_fingerprint,
+            "code_version": f"git:{_git_commit()} src:{code_version('stages', 'trainer_core', 'flows')[:16]}",
+            "prefect_flow_run_id": run.flow_run_id,
+            "mlflow_run_id": run.run_id,
+            "global_step": str(model.global_step),
+            **{f"metric.{k}": str(v) for k, v in metrics.metrics.items()},
+        }
+        version = _create_version(mlflow_client, name, source, run.run_id, lineage)
+        log.info("register: created %s v%s", name, version.version)
+    mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
+    decision = gate(mlflow_client, registry, metrics.metrics, data.fingerprint)
+    for key, value in decision.tags(registry).items():
+        mlflow_client.set_model_version_tag(name, version.version, key, value)
+    if decision.promote:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
+    log.info("register: champion gate %s (%s)", "passed" if decision.promote else "not passed", decision.reason)
+    aliases = sorted(mlflow_client.get_model_version(name, version.version).aliases)
+    ref = ModelVersionRef(
+        name=name, version=str(version.version), aliases=aliases, run_id=run.run_id,
+        model_uri=f"models:/{name}/{version.version}", tracking_uri=tracking_uri, model_fingerprint=model.fingerprint,
+    )
+    ref.save(out / "ref.json")
+    return ref

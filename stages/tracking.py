@@ -1,0 +1,153 @@
+"""MLflow lifecycle: one run per flow run, reattached on retries, params once, metric steps never twice.
+
+The flow opens (or reattaches to) the run and hands a small `RunInfo` to the stages. trainer_core never talks
+to MLflow: it appends metrics to `<run_dir>/metrics.jsonl` and the train stage ships them from there, so a
+killed rank loses nothing that its last checkpoint covers, and a retry does not log a step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.config import FinetuneConfig, flatten
+
+FLOW_RUN_TAG = "prefect.flow_run_id"
+log = logging.getLogger(__name__)
+
+
+class RunInfo(BaseModel):
+    """Where stages report: not part of any cache key."""
+
+    model_config = ConfigDict(frozen=True)
+    run_id: str
+    tracking_uri: str
+    experiment_id: str
+    flow_run_id: str = ""
+
+
+def tracking_uri(cfg: FinetuneConfig) -> str:
+    return cfg.tracking.uri or f"sqlite:///{Path(cfg.paths.root) / 'mlflow.db'}"
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_store(uri: str) -> None:
+    """Create the SQLite store once, before any concurrent writer (concurrent creation races on migrations)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client(uri).search_experiments(max_results=1)
+
+
+def _experiment_id(mlflow_client, cfg: FinetuneConfig) -> str:
+    experiment = mlflow_client.get_experiment_by_name(cfg.tracking.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if tracking_uri(cfg).startswith("sqlite:///"):
+        artifacts = (Path(cfg.paths.root) / "mlartifacts").as_uri()
+    try:
+        return mlflow_client.create_experiment(cfg.tracking.experiment_name, artifact_location=artifacts)
+    except Exception:  # noqa: BLE001 - created meanwhile by a concurrent flow
+        return mlflow_client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id
+
+
+def open_run(cfg: FinetuneConfig, flow_run_id: str, extra_tags: dict[str, str] | None = None) -> RunInfo:
+    """The MLflow run of this flow run: reattached if a previous attempt created it, else created."""
+    uri = tracking_uri(cfg)
+    ensure_store(uri)
+    mlflow_client = client(uri)
+    experiment_id = _experiment_id(mlflow_client, cfg)
+    existing = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1
+    ) if flow_run_id else []
+    if existing:
+        run = existing[0]
+        mlflow_client.update_run(run.info.run_id, status="RUNNING")
+        log.info("MLflow: reattached to run %s of flow run %s", run.info.run_id, flow_run_id)
+    else:
+        tags = {FLOW_RUN_TAG: flow_run_id, "task": cfg.task.name, "model": cfg.model.name, **(extra_tags or {})}
+        run = mlflow_client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags)
+    info = RunInfo(run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id, flow_run_id=flow_run_id)
+    log_params_once(info, flatten(cfg))
+    return info
+
+
+def log_params_once(run: RunInfo, params: dict[str, Any]) -> None:
+    """Log params not yet on the run; a changed value keeps the first one (MLflow refuses to overwrite)."""
+    from mlflow.entities import Param
+
+    mlflow_client = client(run.tracking_uri)
+    logged = mlflow_client.get_run(run.run_id).data.params
+    new = []
+    for key, value in params.items():
+        text = "None" if value is None else str(value)
+        if key not in logged:
+            new.append(Param(key, text[:6000]))
+        elif logged[key] != text[:6000]:
+            log.warning("MLflow: param %s is %r on the run, now %r; keeping the first value", key, logged[key], text)
+    for start in range(0, len(new), 100):
+        mlflow_client.log_batch(run.run_id, params=new[start : start + 100])
+
+
+def end_run(run: RunInfo, status: str) -> None:
+    client(run.tracking_uri).set_terminated(run.run_id, status=status)
+
+
+def log_metrics(run: RunInfo, metrics: dict[str, float], step: int) -> None:
+    MetricShipper(run).log_records([{"step": step, "metrics": metrics}])
+
+
+class MetricShipper:
+    """Sends trainer_core's metrics.jsonl to MLflow, each (key, step) at most once across retries."""
+
+    def __init__(self, run: RunInfo):
+        self.run = run
+        self.client = client(run.tracking_uri)
+        self._last_step: dict[str, int] = {}
+
+    def _last(self, key: str) -> int:
+        if key not in self._last_step:
+            history = self.client.get_metric_history(self.run.run_id, key)
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return self._last_step[key]
+
+    def log_records(self, records: Iterable[dict[str, Any]]) -> int:
+        from mlflow.entities import Metric
+
+        batch: list[Metric] = []
+        now = int(time.time() * 1000)
+        for record in records:
+            step = int(record["step"])
+            for key, value in record["metrics"].items():
+                if not isinstance(value, (int, float)) or step <= self._last(key):
+                    continue
+                batch.append(Metric(key, float(value), now, step))
+                self._last_step[key] = step
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run.run_id, metrics=batch[start : start + 1000])
+        return len(batch)
+
+    def ship(self, metrics_path: str | Path) -> int:
+        """Log what metrics.jsonl holds beyond what MLflow has; returns the number of points sent."""
+        try:
+            lines = Path(metrics_path).read_text().splitlines()
+        except FileNotFoundError:
+            return 0
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break  # a line being written right now: the next call gets it
+        return self.log_records(records)

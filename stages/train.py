@@ -1,0 +1,166 @@
+"""Stage 3: train with `accelerate launch -m trainer_core.run` as a real subprocess → ModelRef.
+
+The run folder is keyed on everything that decides the weights, so a Prefect retry (or the same command run
+again after a crash) lands in the same folder and trainer_core resumes from its newest complete checkpoint.
+The ranks' log lines stream into the Prefect logger; their metrics.jsonl streams into the flow's MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections import deque
+from pathlib import Path
+
+from prefect import task
+
+from flows.config import HardwareConfig, ModelConfig, PathsConfig, TaskConfig, stable_hash
+from stages.caching import cache_key_fn, explain_miss, key_components, stage_dir, stage_key, stage_logger
+from stages.common import resolve_model_path
+from stages.launch import launch_command, preflight, write_accelerate_config
+from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
+from stages.tracking import MetricShipper, RunInfo
+from trainer_core.args import TrainingArguments
+from trainer_core.spec import ModelSpec, RunSpec, TaskSpec
+
+NAME = "train"
+CODE = ("stages.train", "trainer_core")
+SHIP_EVERY_SECONDS = 5.0
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def build_spec(
+    task: TaskConfig, model: ModelConfig, trainer: TrainingArguments, data: DatasetRef, plan: BatchPlanRef,
+    run_dir: Path, run: RunInfo | None,
+) -> RunSpec:
+    model_config = dict(model.config)
+    if model_config and resolve_model_path(model) is None:
+        model_config["vocab_size"] = data.vocab_size  # random init: size the embeddings to our tokenizer
+    return RunSpec(
+        args=trainer,
+        task=TaskSpec(
+            family=task.family,
+            text_columns=list(data.text_columns),
+            num_labels=task.num_labels,
+            label_names=list(task.label_names),
+            metrics=list(task.metrics),
+        ),
+        model=ModelSpec(
+            name_or_path=resolve_model_path(model),
+            config=model_config,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            dropout=model.dropout,
+        ),
+        dataset_dir=data.dataset_dir,
+        tokenizer_dir=data.tokenizer_dir,
+        plan_path=plan.path,
+        output_dir=str(run_dir),
+        # What a checkpoint must agree with to be resumed: same model, task and data.
+        config_hash=stable_hash({"model": model, "task": task, "data": data.fingerprint})[:16],
+        mlflow_run_id=run.run_id if run else None,
+    )
+
+
+def model_ref(run_dir: Path) -> ModelRef | None:
+    """The finished model of a run folder, or None while training has not completed."""
+    import json
+
+    final = run_dir / "final"
+    try:
+        result = json.loads((final / "train_result.json").read_text())
+        fingerprint = file_sha256(final / "model.safetensors")
+    except (OSError, ValueError):
+        return None
+    return ModelRef(
+        path=str(final),
+        fingerprint=fingerprint,
+        run_dir=str(run_dir),
+        spec_path=str(run_dir / "spec.json"),
+        global_step=int(result["global_step"]),
+        training_loss=float(result["training_loss"]),
+        train_metrics={k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))},
+    )
+
+
+def _stream(proc: subprocess.Popen, logger, tail: deque) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n").split("\r")[-1].rstrip()  # keep the last frame of a progress bar
+        if line:
+            tail.append(line)
+            logger.info(line)
+
+
+@task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+def train(
+    task: TaskConfig,
+    model: ModelConfig,
+    trainer: TrainingArguments,
+    hardware: HardwareConfig,
+    data: DatasetRef,
+    plan: BatchPlanRef,
+    paths: PathsConfig,
+    run: RunInfo | None = None,
+) -> ModelRef:
+    """Launch the ranks, stream their logs and metrics, return the final model."""
+    params = {"task": task, "model": model, "trainer": trainer, "hardware": hardware, "data": data,
+              "plan": plan, "paths": paths, "run": run}
+    logger = stage_logger()
+    # Not begin_stage: the run folder survives a failed attempt, its checkpoints are what a retry resumes.
+    run_dir = stage_dir(paths.root, stage_key(NAME, params, CODE))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shipper = MetricShipper(run) if run else None
+    if (done := model_ref(run_dir)) is not None:
+        logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
+    else:
+        explain_miss(NAME, paths.root, key_components(params, CODE), logger)
+        done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger)
+    if shipper:
+        shipper.ship(done.metrics_path)
+    done.save(run_dir / "ref.json")
+    return done
+
+
+def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, shipper, logger) -> ModelRef:
+    preflight(hardware, trainer.mixed_precision)
+    spec = build_spec(task, model, trainer, data, plan, run_dir, run)
+    (run_dir / "spec.json").write_text(spec.to_json())
+    config_file = write_accelerate_config(hardware, run_dir / "accelerate.yaml", trainer.mixed_precision)
+    cmd, env = launch_command(hardware, config_file, ["-m", "trainer_core.run", "--spec", str(run_dir / "spec.json")])
+    logger.info("train: %s", " ".join(cmd))
+    tail: deque[str] = deque(maxlen=20)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,  # its own process group: we can stop every rank at once
+    )
+    (run_dir / "launcher.pid").write_text(str(proc.pid))
+    reader = threading.Thread(target=_stream, args=(proc, logger, tail), daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=SHIP_EVERY_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+            if shipper:
+                shipper.ship(run_dir / "metrics.jsonl")
+    finally:
+        if proc.poll() is None:  # we are being cancelled: take the ranks down with us
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        reader.join(timeout=10)
+    if proc.returncode != 0:
+        raise TrainingFailed(
+            f"train: accelerate launch exited with code {proc.returncode}; last lines:\n" + "\n".join(tail)
+        )
+    done = model_ref(run_dir)
+    if done is None:
+        raise TrainingFailed(f"train: ranks exited cleanly but {run_dir / 'final'} holds no finished model")
+    logger.info("train: finished at step %d, training loss %.4f", done.global_step, done.training_loss)
+    return done
