@@ -61,7 +61,8 @@ def _single_process_env(monkeypatch):
 
 
 def make_trainer(output_dir, *, train_n=24, eval_n=12, model=None, callback_objects=None, compute_metrics=None,
-                 family="text_classification", metrics=("accuracy",), dropout=0.0, shuffle=True, **overrides):
+                 family="text_classification", metrics=("accuracy",), dropout=0.0, shuffle=True, config_hash="",
+                 **overrides):
     """A small Trainer: 24 samples, batch 8, learning rate 1e-2, no tqdm; any TrainingArguments overridable."""
     from trainer_core.args import TrainingArguments
     from trainer_core.data import build_batch_plan
@@ -81,7 +82,7 @@ def make_trainer(output_dir, *, train_n=24, eval_n=12, model=None, callback_obje
         model = tiny_model(dropout=dropout, family=family, seed=3)
     return Trainer(model, args, train_dataset=train, eval_dataset=evaluation, batch_plan=plan,
                    output_dir=output_dir, task=get_task(family), task_spec=TaskSpec(family=family, metrics=list(metrics)),
-                   callbacks=callback_objects, compute_metrics=compute_metrics)
+                   callbacks=callback_objects, compute_metrics=compute_metrics, config_hash=config_hash)
 
 
 class Scripted:
