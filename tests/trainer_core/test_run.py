@@ -1,0 +1,49 @@
+"""trainer_core.run in-process: train from a spec, then build_trainer on final/ to predict (evaluate stage)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from test_launch import _spec
+
+from trainer_core.checkpoint import load_weights, save_weights
+from trainer_core.run import build_trainer, main
+
+
+def test_run_then_predict_on_final(tmp_path):
+    import datasets
+
+    spec, path = _spec(tmp_path, "one", world_size=1)
+    assert main(["--spec", str(path)]) == 0
+    final = Path(spec.output_dir) / "final"
+    assert {"config.json", "model.safetensors", "train_result.json", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    result = json.loads((final / "train_result.json").read_text())
+    assert result["global_step"] == 6 and result["training_loss"] > 0 and result["config_hash"] == "h1"
+
+    scorer = build_trainer(spec, model_dir=final)
+    validation = datasets.load_from_disk(spec.dataset_dir)["validation"]
+    out = scorer.predict(validation)
+    assert out.predictions.shape == (13, 2) and out.num_samples == 13
+    assert np.array_equal(out.label_ids, np.array(validation["labels"]))
+    # the scorer holds the trained weights: its loss is the one logged at the last evaluation
+    last_eval = [json.loads(x) for x in (Path(spec.output_dir) / "metrics.jsonl").read_text().splitlines()][-1]
+    assert abs(out.metrics["test_loss"] - last_eval["metrics"]["eval_loss"]) < 1e-6
+    assert set(out.metrics) == {"test_loss", "test_accuracy", "test_f1"}
+    assert not (Path(spec.output_dir) / "checkpoints" / "step-00000007").exists()
+
+
+def test_tied_weights_round_trip(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    save_weights(model.state_dict(), tmp_path / "model.safetensors")
+    other = Tied()
+    load_weights(other, tmp_path / "model.safetensors")
+    assert torch.equal(other.embed.weight, model.embed.weight)
+    assert other.head.weight is other.embed.weight
