@@ -65,6 +65,10 @@ class BatchPlan:
     def is_last_step_of_epoch(self, step: int) -> bool:
         return step + 1 == self.num_steps or self.step_epochs[step + 1] != self.step_epochs[step]
 
+    def next_epoch_start(self, step: int) -> int:
+        """First step of the epoch after `step`'s (num_steps when there is none)."""
+        return int(np.searchsorted(self.step_epochs, self.epoch_of(step) + 1))
+
     def epoch_progress(self, step: int) -> float:
         """Float epoch after optimizer step `step` (HF's `epoch + micro-batches done / per epoch`)."""
         epoch = self.epoch_of(step)

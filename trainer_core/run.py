@@ -33,6 +33,7 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     """A Trainer for `spec`: on a fresh model for training, or on the saved model in `model_dir` (e.g.
     <output_dir>/final) for the evaluate / predict stages (no training data, no plan needed)."""
     import datasets
+    from accelerate import PartialState
     from transformers import set_seed
 
     from trainer_core.data import BatchPlan
@@ -40,7 +41,9 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     from trainer_core.trainer import Trainer
 
     task = get_task(spec.task.family)
-    splits = datasets.load_from_disk(spec.dataset_dir)
+    # the main process first: a first read may write cache/index files that the others then reuse
+    with PartialState().main_process_first():
+        splits = datasets.load_from_disk(spec.dataset_dir)
     train = splits[spec.task.train_split] if with_train and model_dir is None else None
     evaluation = splits[spec.task.eval_split] if spec.task.eval_split in splits else None
     tokenizer = _load_tokenizer(spec.tokenizer_dir)
@@ -69,12 +72,31 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     )
 
 
+def _already_complete(spec: RunSpec) -> bool:
+    """final/ exists only once a run has finished: a relaunch (Prefect retry) has nothing left to do."""
+    import json
+
+    result_path = Path(spec.output_dir) / "final" / "train_result.json"
+    if not result_path.exists():
+        return False
+    found = json.loads(result_path.read_text()).get("config_hash")
+    if found != spec.config_hash:
+        raise ValueError(
+            f"{result_path.parent} holds a model trained with config {found!r}, this run has config "
+            f"{spec.config_hash!r}: use another output_dir."
+        )
+    logging.getLogger("trainer_core").warning("%s exists: training already completed.", result_path.parent)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True, help="run spec JSON written by stages/train.py")
     cli = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = RunSpec.load(cli.spec)
+    if _already_complete(spec):
+        return 0
     trainer = build_trainer(spec)
     try:
         result = trainer.train()

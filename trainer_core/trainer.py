@@ -152,9 +152,7 @@ class Trainer:
         if errors:
             raise ValueError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
 
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
-        )
+        self.accelerator = self._make_accelerator(args)
         self._setup_logging()
         self.model = model
         self.data_collator = data_collator or self.task.data_collator(tokenizer)
@@ -182,7 +180,7 @@ class Trainer:
         configured = [_instantiate(c) for c in args.callbacks]
         self.callback_handler = CallbackHandler(default + configured + list(callbacks or []))
         self._is_setup = False
-        self._eval_loaders: dict[int, DataLoader] = {}
+        self._eval_loaders: dict[Any, DataLoader] = {}
         self.control = self._fire("on_init_end")
 
     # --- validation ------------------------------------------------------------------------------
@@ -226,6 +224,24 @@ class Trainer:
                 )
         return errors
 
+    @staticmethod
+    def _make_accelerator(args: TrainingArguments) -> Accelerator:
+        try:
+            return Accelerator(
+                gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
+            )
+        except ValueError as err:
+            # Accelerate's state is process-wide: a stage that scores two models with different precisions in
+            # one process would be refused. Safe to reset only when no process group depends on it.
+            from accelerate.state import AcceleratorState
+
+            if "already been initialized" not in str(err) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise
+            AcceleratorState._reset_state()
+            return Accelerator(
+                gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
+            )
+
     def _keep_model_columns(self, dataset: Any) -> Any:
         # the model's forward takes only its inputs; raw text and ids would break the collator
         if dataset is None or not hasattr(dataset, "column_names"):
@@ -257,7 +273,11 @@ class Trainer:
         if self.plan is None:
             raise ValueError("Trainer.train needs a train_dataset (and a batch plan, or one is built).")
         if args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # recompute activations in backward: less memory, same gradients (non-reentrant works with DDP)
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = self._setup_optimizer(self.model)
         # prepare the model and optimizer only: the train dataloader is already sharded by the plan (prepare
         # would split it again), and a prepared scheduler steps once per process per optimizer step
@@ -274,6 +294,9 @@ class Trainer:
         resume = self._resolve_resume()
         if resume is not None:
             self.load_checkpoint(resume)
+        else:
+            # a run killed before its first checkpoint starts over: so does its metrics file
+            self.metrics_file.truncate_to(0)
         self._train_loader = self._setup_train_dataloader(self.state.global_step)
         shard = self._sampler.plan.shard(self._sampler.start, acc.process_index, acc.num_processes) \
             if len(self._sampler) else []
@@ -346,7 +369,8 @@ class Trainer:
         self.control = self._fire("on_train_begin")
         batches = iter(self._train_loader)
         try:
-            for step in range(start_step, plan.num_steps):
+            step = start_step
+            while step < plan.num_steps:
                 if step == start_step or plan.epoch_of(step) != plan.epoch_of(step - 1):
                     self.control._new_epoch()
                     self.control = self._fire("on_epoch_begin")
@@ -360,12 +384,19 @@ class Trainer:
                 state.epoch = plan.epoch_progress(step)
                 self.control = self._fire("on_step_end")
                 self._maybe_log_save_evaluate(grad_norm)
-                if plan.is_last_step_of_epoch(step) or self.control.should_training_stop \
-                        or self.control.should_epoch_stop:
+                cut_epoch = self.control.should_epoch_stop and not plan.is_last_step_of_epoch(step)
+                if plan.is_last_step_of_epoch(step) or self.control.should_training_stop or cut_epoch:
                     self.control = self._fire("on_epoch_end")
                     self._maybe_log_save_evaluate(grad_norm)
                 if self.control.should_training_stop:
                     break
+                step += 1
+                if cut_epoch:
+                    # skip the rest of the epoch: the skipped steps count as passed, so global_step stays the
+                    # plan cursor (a resume lands in the same place); the schedule does not advance for them
+                    step = plan.next_epoch_start(step - 1)
+                    state.global_step = step
+                    batches = iter(self._setup_train_dataloader(step))
         finally:
             if hook is not None:
                 hook.remove()  # eval, predict and saved weights must not see the noise
@@ -408,6 +439,7 @@ class Trainer:
                     max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
                     grad_norm = float(acc.clip_grad_norm_(model.parameters(), max_norm))
                     optimizer.step()
+                    self._step_learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, like HF
                     if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
                         self.lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -433,7 +465,7 @@ class Trainer:
             loss = state.window_loss_sum / (state.global_step - state.last_logged_step)
             state.window_loss_sum, state.last_logged_step = 0.0, state.global_step
             self.log({"loss": loss, "grad_norm": grad_norm,
-                      "learning_rate": self.lr_scheduler.get_last_lr()[0]})
+                      "learning_rate": self._step_learning_rate})
         if control.should_evaluate:
             metrics = self.evaluate()
             self._update_best(metrics)
@@ -477,7 +509,7 @@ class Trainer:
         return output
 
     def _eval_dataloader(self, dataset: Any) -> DataLoader:
-        key = id(dataset)
+        key = getattr(dataset, "_fingerprint", None) or id(dataset)
         if key not in self._eval_loaders:
             loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
                                 collate_fn=self.data_collator, shuffle=False)
@@ -487,6 +519,10 @@ class Trainer:
 
     def _prediction_loop(self, dataset: Any, prefix: str) -> PredictionOutput:
         acc = self.accelerator
+        if not self._is_setup and not getattr(self, "_prepared_for_eval", False):
+            # scoring without training (evaluate / predict stages): put the model on the device once
+            self.model = acc.prepare_model(self.model, evaluation_mode=True)
+            self._prepared_for_eval = True
         model = self.model
         was_training = model.training
         model.eval()

@@ -48,8 +48,11 @@ def _hf_run(model, dataset, tmp_path, *, max_steps, batch, accumulation, warmup_
         compute_loss_func=sum_over_items if custom_loss else None,
     )
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return losses, trainer.model
+    return _logged(trainer.state.log_history), trainer.model
+
+
+def _logged(history):
+    return {key: [h[key] for h in history if "loss" in h] for key in ("loss", "learning_rate", "grad_norm")}
 
 
 def _our_run(model, dataset, tmp_path, *, max_steps, batch, accumulation, warmup_steps=0, max_grad_norm=0.0,
@@ -63,8 +66,7 @@ def _our_run(model, dataset, tmp_path, *, max_steps, batch, accumulation, warmup
     trainer = Trainer(model, args, train_dataset=dataset, batch_plan=plan, output_dir=tmp_path / "ours",
                       task_spec=TaskSpec(metrics=[]))
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return losses, trainer.accelerator.unwrap_model(trainer.model)
+    return _logged(trainer.state.log_history), trainer.accelerator.unwrap_model(trainer.model)
 
 
 @pytest.mark.parametrize(
@@ -84,8 +86,11 @@ def test_matches_transformers_trainer(tmp_path, config):
                                   **config)
     our_losses, our_model = _our_run(copy.deepcopy(base), dataset, tmp_path, **config)
 
-    assert len(our_losses) == len(hf_losses) == config["max_steps"]
-    assert our_losses == pytest.approx(hf_losses, abs=ATOL)
+    assert len(our_losses["loss"]) == len(hf_losses["loss"]) == config["max_steps"]
+    assert our_losses["loss"] == pytest.approx(hf_losses["loss"], abs=ATOL)
+    # same schedule (warmup, linear decay, logged after the step like HF) and the same pre-clipping norm
+    assert our_losses["learning_rate"] == pytest.approx(hf_losses["learning_rate"], abs=1e-12)
+    assert our_losses["grad_norm"] == pytest.approx(hf_losses["grad_norm"], abs=1e-5)
     hf_state, our_state = hf_model.state_dict(), our_model.state_dict()
     assert hf_state.keys() == our_state.keys()
     moved = 0.0

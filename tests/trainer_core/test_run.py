@@ -47,3 +47,28 @@ def test_tied_weights_round_trip(tmp_path):
     load_weights(other, tmp_path / "model.safetensors")
     assert torch.equal(other.embed.weight, model.embed.weight)
     assert other.head.weight is other.embed.weight
+
+
+def test_relaunch_after_completion_is_a_no_op(tmp_path):
+    spec, path = _spec(tmp_path, "one", world_size=1)
+    assert main(["--spec", str(path)]) == 0
+    final = Path(spec.output_dir) / "final" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    assert main(["--spec", str(path)]) == 0
+    assert final.stat().st_mtime_ns == stamp
+
+
+def test_bf16_on_cpu_trains(tmp_path):
+    # decision: bf16 is allowed on CPU (torch autocasts to bf16 there); a later fp32 trainer in the same process
+    # must still work, although Accelerate's state is process-wide
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_trainer
+
+    bf16 = make_trainer(tmp_path / "bf16", max_steps=2, mixed_precision="bf16")
+    assert bf16.accelerator.mixed_precision == "bf16"
+    assert bf16.train().global_step == 2
+    fp32 = make_trainer(tmp_path / "fp32", max_steps=1)
+    assert fp32.accelerator.mixed_precision == "no"
+    assert fp32.train().global_step == 1

@@ -71,11 +71,14 @@ def test_rotation_without_best(tmp_path):
 def test_early_stopping_end_step(tmp_path):
     # best at eval 1 (step 2); evals 2 and 3 do not improve by more than the threshold -> stop at step 6
     trainer = make_trainer(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=2, metric_for_best_model="accuracy",
-                           early_stopping_patience=2, early_stopping_threshold=0.05,
-                           compute_metrics=Scripted([0.5, 0.52, 0.54, 0.9]))
+                           early_stopping_patience=2, early_stopping_threshold=0.05, save_strategy="steps",
+                           save_steps=2, compute_metrics=Scripted([0.5, 0.52, 0.54, 0.9]))
     result = trainer.train()
     assert result.global_step == 6
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2, 4, 6]
+    # the counters travel in the checkpoints, so a resumed run stops at the same step
+    saved = json.loads((ckpt.checkpoint_dir(tmp_path, 4) / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["EarlyStoppingCallback"] == {"patience_counter": 1, "best": 0.5}
 
 
 class Recorder(TrainerCallback):
@@ -127,3 +130,38 @@ def test_callback_stops_training(tmp_path):
 def test_callbacks_from_config(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=20, callbacks=[{"_target_": "test_strategies.StopAt", "step": 2}])
     assert trainer.train().global_step == 2
+
+
+class CutEpoch(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            control.should_epoch_stop = True
+        return control
+
+
+def test_should_epoch_stop_jumps_to_next_epoch(tmp_path):
+    # 3 steps an epoch: stopping epoch 0 after step 1 jumps the cursor to step 3 (epoch 1's first)
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, max_steps=6, logging_steps=1, callback_objects=[CutEpoch(), recorder])
+    result = trainer.train()
+    assert result.global_step == 6
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 4, 5, 6]
+    assert [s for e, s in recorder.events if e == "on_epoch_begin"] == [0, 3]
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+    import copy
+
+    from conftest import tiny_model
+
+    base = tiny_model(dropout=0.0, seed=4)
+    plain = make_trainer(tmp_path / "a", model=copy.deepcopy(base), max_steps=3)
+    checkpointed = make_trainer(tmp_path / "b", model=copy.deepcopy(base), max_steps=3, gradient_checkpointing=True)
+    plain.train()
+    checkpointed.train()
+    unwrapped = checkpointed.accelerator.unwrap_model(checkpointed.model)
+    assert getattr(unwrapped, "is_activation_checkpointing", None) or unwrapped.is_gradient_checkpointing
+    a = plain.accelerator.unwrap_model(plain.model).state_dict()
+    b = checkpointed.accelerator.unwrap_model(checkpointed.model).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
