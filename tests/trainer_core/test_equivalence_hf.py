@@ -4,6 +4,12 @@ Tolerance: atol 1e-6 on losses and weights. Both sides run the same float32 kern
 differences are the order of a few reductions (HF averages per micro-batch, we sum then divide by the window's
 items), which moves results by a few float32 ulps (~1e-7 here), far below any real bug (a missed accumulation
 scale, a wrong decay group or a skewed schedule move weights by >1e-4 in a few steps).
+
+transformers 5.23 with accumulation: BertForSequenceClassification.forward takes **kwargs, so HF counts
+`num_items_in_batch`, passes it to the model and skips its own division by gradient_accumulation_steps, but the
+model's classification loss ignores it (a mean per micro-batch): HF then reports and steps on a loss 4x too large
+(checked: 2.78 instead of 0.695 at step 1). The documented fix is `compute_loss_func` (sum / num_items_in_batch),
+which is what we implement, so the accumulation config gives HF that hook.
 """
 
 import copy
