@@ -34,6 +34,7 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     <output_dir>/final) for the evaluate / predict stages (no training data, no plan needed)."""
     import datasets
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from transformers import set_seed
 
     from trainer_core.data import BatchPlan
@@ -41,8 +42,11 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     from trainer_core.trainer import Trainer
 
     task = get_task(spec.task.family)
+    # cpu= as Accelerator itself reads it: a bare PartialState() does not join the gloo group on CPU, and the
+    # Accelerator built later would inherit that single-process state
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     # the main process first: a first read may write cache/index files that the others then reuse
-    with PartialState().main_process_first():
+    with state.main_process_first():
         splits = datasets.load_from_disk(spec.dataset_dir)
     train = splits[spec.task.train_split] if with_train and model_dir is None else None
     evaluation = splits[spec.task.eval_split] if spec.task.eval_split in splits else None

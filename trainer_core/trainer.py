@@ -153,6 +153,12 @@ class Trainer:
             raise ValueError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
 
         self.accelerator = self._make_accelerator(args)
+        if self.accelerator.num_processes != world_size:
+            raise ValueError(
+                f"Launched as {world_size} processes (WORLD_SIZE) but Accelerate set up {self.accelerator.num_processes}:"
+                " on CPU launch with ACCELERATE_USE_CPU=true (accelerate launch --multi_gpu --num_processes N), and "
+                "build no accelerate PartialState() without cpu=True before the Trainer."
+            )
         self._setup_logging()
         self.model = model
         self.data_collator = data_collator or self.task.data_collator(tokenizer)
@@ -596,7 +602,8 @@ class Trainer:
         ckpt.check_loadable(path, self.config_hash)
         logger.info("Resuming from checkpoint %s", path)
         ckpt.load_weights(acc.unwrap_model(self.model), path / "model.safetensors")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+        # onto the CPU first: Optimizer.load_state_dict moves the state to each parameter's device
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if acc.scaler is not None and (path / "scaler.pt").exists():
             acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

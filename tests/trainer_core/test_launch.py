@@ -19,6 +19,7 @@ from conftest import TINY_BERT, make_dataset
 from safetensors.torch import load_file
 
 from trainer_core.args import TrainingArguments
+from trainer_core.callbacks import TrainerCallback
 from trainer_core.data import build_batch_plan
 from trainer_core.spec import ModelSpec, RunSpec, TaskSpec
 
@@ -38,7 +39,18 @@ def _tokenizer(path):
     tok.save_pretrained(path)
 
 
-def _spec(tmp_path, name, world_size):
+class HardKill(TrainerCallback):
+    """Kills the process like SIGKILL would (no cleanup), in the middle of an accumulation window."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os._exit(17)
+
+
+def _spec(tmp_path, name, world_size, dropout=0.0, callbacks=()):
     import datasets
 
     data_dir = tmp_path / "data"
@@ -49,12 +61,12 @@ def _spec(tmp_path, name, world_size):
     args = TrainingArguments(
         per_device_train_batch_size=8 // world_size, gradient_accumulation_steps=2, max_steps=6, learning_rate=1e-2,
         logging_steps=1, eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3, disable_tqdm=True,
-        log_level_replica="info", seed=5,
+        log_level_replica="info", seed=5, callbacks=list(callbacks),
     )
     plan = build_batch_plan(37, 8, 2, 0, 6, seed=5)
     plan.save(tmp_path / name / "plan.npz")
     spec = RunSpec(
-        args=args, task=TaskSpec(metrics=["accuracy", "f1"]), model=ModelSpec(config=dict(TINY_BERT), dropout=0.0),
+        args=args, task=TaskSpec(metrics=["accuracy", "f1"]), model=ModelSpec(config=dict(TINY_BERT), dropout=dropout),
         dataset_dir=str(data_dir), tokenizer_dir=str(tmp_path / "tokenizer"), plan_path=str(tmp_path / name / "plan.npz"),
         output_dir=str(tmp_path / name / "out"), config_hash="h1",
     )
@@ -65,19 +77,24 @@ def _spec(tmp_path, name, world_size):
 
 def _env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]))
     env.pop("WORLD_SIZE", None)
     return env
 
 
-def test_two_process_cpu_run_matches_one_process(tmp_path):
-    spec2, path2 = _spec(tmp_path, "two", world_size=2)
+def _launch_two(spec_path):
     accelerate = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run(
+    return subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_core.run", "--spec", str(path2)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer_core.run", "--spec", str(spec_path)],
         env=_env() | {"ACCELERATE_USE_CPU": "true"}, cwd=REPO, capture_output=True, text=True, timeout=300,
     )
+
+
+def test_two_process_cpu_run_matches_one_process(tmp_path):
+    spec2, path2 = _spec(tmp_path, "two", world_size=2)
+    two = _launch_two(path2)
     assert two.returncode == 0, two.stderr[-4000:]
     log = two.stdout + two.stderr
     for rank in (0, 1):
@@ -109,3 +126,27 @@ def test_two_process_cpu_run_matches_one_process(tmp_path):
     for a, b in zip(lines2, lines1, strict=True):
         for key, value in b["metrics"].items():
             assert a["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_two_process_hard_kill_and_relaunch_equals_uninterrupted(tmp_path):
+    # dropout and shuffling on; killed in the middle of step 5's accumulation window (last checkpoint: step 3)
+    spec_ref, path_ref = _spec(tmp_path, "ref", world_size=2, dropout=0.1)
+    assert _launch_two(path_ref).returncode == 0
+    kill = {"_target_": "test_launch.HardKill", "step": 4}
+    spec_run, path_killed = _spec(tmp_path, "run", world_size=2, dropout=0.1, callbacks=[kill])
+    killed = _launch_two(path_killed)
+    assert killed.returncode != 0
+    out = Path(spec_run.output_dir)
+    assert not (out / "final").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
+    # the relaunch (what a Prefect retry does): same spec without the kill
+    _, path_relaunch = _spec(tmp_path, "run", world_size=2, dropout=0.1)
+    relaunch = _launch_two(path_relaunch)
+    assert relaunch.returncode == 0, relaunch.stderr[-4000:]
+    assert "Resuming from checkpoint" in relaunch.stderr + relaunch.stdout
+    ref = load_file(str(Path(spec_ref.output_dir) / "final" / "model.safetensors"))
+    got = load_file(str(out / "final" / "model.safetensors"))
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4, 5, 6, 6]
