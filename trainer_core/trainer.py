@@ -290,19 +290,19 @@ class Trainer:
         self.model = acc.prepare_model(self.model)
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.lr_scheduler = self._setup_scheduler(self.optimizer.optimizer, self.plan.num_steps)
-        self.state.max_steps = self.plan.num_steps
-        self.state.num_train_epochs = self.plan.num_epochs
-        self.state.logging_steps = args.logging_steps
-        self.state.eval_steps = args.resolved_eval_steps()
-        self.state.save_steps = args.save_steps
-        self.state.train_batch_size = args.per_device_train_batch_size
-
         resume = self._resolve_resume()
         if resume is not None:
             self.load_checkpoint(resume)
         else:
             # a run killed before its first checkpoint starts over: so does its metrics file
             self.metrics_file.truncate_to(0)
+        # from this run's plan and args, also after a resume: a longer plan resumes and adds the missing steps
+        self.state.max_steps = self.plan.num_steps
+        self.state.num_train_epochs = self.plan.num_epochs
+        self.state.logging_steps = args.logging_steps
+        self.state.eval_steps = args.resolved_eval_steps()
+        self.state.save_steps = args.save_steps
+        self.state.train_batch_size = args.per_device_train_batch_size
         self._train_loader = self._setup_train_dataloader(self.state.global_step)
         shard = self._sampler.plan.shard(self._sampler.start, acc.process_index, acc.num_processes) \
             if len(self._sampler) else []

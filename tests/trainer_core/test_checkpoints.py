@@ -131,3 +131,15 @@ def test_resume_equals_uninterrupted(tmp_path, event, step):
     assert [r["step"] for r in records] == list(range(1, 13))
     assert [r["metrics"]["loss"] for r in records] == expected_losses
     assert result.training_loss == pytest.approx(reference.train_output.training_loss, abs=1e-12)
+
+
+def test_resume_to_a_later_max_step_adds_the_missing_steps(tmp_path):
+    first = make_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, shuffle=False)
+    first.train()
+    first.cleanup()
+    later = make_trainer(tmp_path, max_steps=7, save_strategy="steps", save_steps=2, shuffle=False)
+    result = later.train()
+    assert result.global_step == 7
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [f"step-0000000{s}" for s in (2, 4, 6, 7)]
