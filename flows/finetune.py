@@ -25,7 +25,7 @@ def preflight(cfg: FinetuneConfig) -> None:
     """Checks that need more than the config itself: the data, the model's files, the hardware."""
     from stages.common import resolve_model_path
     from stages.launch import preflight as hardware_preflight
-    from stages.prepare_data import load_raw
+    from stages.sources import load_raw
 
     hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision)
     resolve_model_path(cfg.model)
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    runtime.create_state_dirs(cfg.paths.root)
     from flows.pipeline import finetune  # imports prefect: only now that its environment is set
 
     try:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 
 def configure(root: str | Path) -> None:
-    root = Path(root).resolve()
-    (root / "prefect").mkdir(parents=True, exist_ok=True)
+    root = Path(root).resolve()  # nothing is created here: a refused run leaves no trace
     defaults = {
         "PREFECT_HOME": str(root / "prefect"),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect" / "results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The first start in a new home runs the DB migrations: Prefect's 20 s default is too tight on 2 cores.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
@@ -33,3 +34,8 @@ def configure(root: str | Path) -> None:
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(root / "prefect" / "results")
     for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def create_state_dirs(root: str | Path) -> None:
+    """Called once the input passed preflight: Prefect needs its home's parent to exist."""
+    (Path(root).resolve() / "prefect").mkdir(parents=True, exist_ok=True)

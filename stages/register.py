@@ -104,12 +104,16 @@ def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Pat
         "text_columns": data.text_columns, "label_names": data.label_names, "max_seq_length": task.max_seq_length,
     }))
     validation = datasets.load_from_disk(data.dataset_dir)["validation"]
-    example = pd.DataFrame({c: validation[c][:2] for c in data.text_columns})
     label_type = "double" if task.num_labels == 1 else "string"
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", c) for c in data.text_columns]),
-        outputs=Schema([ColSpec(label_type, "label"), ColSpec("double", "score")]),
-    )
+    outputs = Schema([ColSpec(label_type, "label"), ColSpec("double", "score")])
+    if len(data.text_columns) == 1:
+        # One unnamed string column: callers pass raw strings (or any one-column frame) and MLflow accepts them.
+        example: object = list(validation[data.text_columns[0]][:2])
+        inputs = Schema([ColSpec("string")])
+    else:
+        example = pd.DataFrame({c: validation[c][:2] for c in data.text_columns})
+        inputs = Schema([ColSpec("string", c) for c in data.text_columns])
+    signature = ModelSignature(inputs=inputs, outputs=outputs)
     requirements = [f"{p}=={installed_version(p)}" for p in ("torch", "transformers", "mlflow", "pandas", "safetensors")]
     package = out / "model"
     mlflow.pyfunc.save_model(

@@ -45,6 +45,8 @@ class TextClassifier(PythonModel):
             frame = pd.DataFrame(model_input)
         else:
             frame = pd.DataFrame({columns[0]: list(model_input)})
+        if len(columns) == 1 and len(frame.columns) == 1:
+            frame = frame.set_axis(columns, axis=1)  # one text column: matched by position, as MLflow does
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise ValueError(

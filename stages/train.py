@@ -28,6 +28,8 @@ from trainer_core.spec import ModelSpec, RunSpec, TaskSpec
 NAME = "train"
 CODE = ("stages.train", "trainer_core")
 SHIP_EVERY_SECONDS = 5.0
+CONCURRENCY_TAG = "finetune-train"
+"""Tag of every train task run: `prefect concurrency-limit create finetune-train 1` caps trainings per server."""
 
 
 class TrainingFailed(RuntimeError):
@@ -97,7 +99,10 @@ def _stream(proc: subprocess.Popen, logger, tail: deque) -> None:
             logger.info(line)
 
 
-@task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+@task(
+    name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json",
+    tags=[CONCURRENCY_TAG],
+)
 def train(
     task: TaskConfig,
     model: ModelConfig,

@@ -1,0 +1,94 @@
+"""Bad input: a non-zero exit before training, one message naming the key and the fix, nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.finetune import main
+from tests.pipeline.helpers import run_cli, write_glue_folder
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory) -> Path:
+    return write_glue_folder(tmp_path_factory.mktemp("data") / "glue", rows_per_split=16)
+
+
+@pytest.fixture(scope="module")
+def glue_bad_labels(tmp_path_factory) -> Path:
+    root = write_glue_folder(tmp_path_factory.mktemp("data") / "glue", rows_per_split=16)
+    train = root / "sst2" / "train-00000-of-00001.parquet"
+    frame = pd.read_parquet(train)
+    frame.loc[3, "label"] = 7
+    frame.to_parquet(train, index=False)
+    return root
+
+
+def _fails(capsys, root: Path, overrides: list[str], *fragments: str) -> None:
+    code = main([*overrides, f"paths.root={root}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    # nothing half-written: no MLflow store (so nothing registered), no stage outputs, no run folder
+    assert not (root / "mlflow.db").exists()
+    assert not (root / "stages").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,fragments",
+    [
+        (["task=sentiment140"], ["task/sentiment140", "Available options", "rt_reviews"]),
+        (["model=llama"], ["model/llama", "tiny_bert"]),
+        (["hardware=fsdp_16gpu"], ["hardware/fsdp_16gpu", "ddp_2cpu"]),
+        (["trainer.num_train_epoch=3"], ["num_train_epoch", "TrainingArguments names"]),
+        (["trainer.per_device_train_batch_size=thirty-two"], ["per_device_train_batch_size", "thirty-two"]),
+        (["task=glue", "task.dataset_path=/no/such/glue"], ["task.dataset_path=/no/such/glue", "no such folder"]),
+        (["trainer.mixed_precision=fp16"], ["trainer.mixed_precision=fp16", "needs a GPU"]),
+    ],
+)
+def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
+    _fails(capsys, tmp_path, overrides, *fragments)
+
+
+def test_dataset_without_the_text_column(capsys, tmp_path: Path, glue: Path) -> None:
+    _fails(
+        capsys, tmp_path,
+        ["task=glue", "task.subset=sst2", f"task.dataset_path={glue}", "task.text_column=review"],
+        "task.text_column='review'", "no such column", "sentence",
+    )
+
+
+def test_labels_outside_num_labels(capsys, tmp_path: Path, glue_bad_labels: Path) -> None:
+    _fails(
+        capsys, tmp_path,
+        ["task=glue", "task.subset=sst2", f"task.dataset_path={glue_bad_labels}"],
+        "task.num_labels=2", "outside 0..1", "[7]",
+    )
+
+
+def test_missing_split_names_the_split_key(capsys, tmp_path: Path, glue: Path) -> None:
+    _fails(
+        capsys, tmp_path, ["task=glue", "task.subset=sst2", f"task.dataset_path={glue}", "task.test_split=test_matched"],
+        "task.test_split='test_matched'", "no such split",
+    )
+
+
+def test_the_real_command_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+    done = run_cli(["trainer.learning_rate=abc", f"paths.root={tmp_path}"], timeout=120)
+    assert done.returncode == 2
+    assert "trainer.learning_rate=abc" in done.stderr and "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,92 @@
+"""Cache keys: content-addressed, sensitive to the code a stage runs, and never trusting altered outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+from flows.config import compose
+from stages import build_dataloaders, prepare_data, train
+from stages.caching import cache_key_fn, code_files, stage_dir, stage_key
+from stages.refs import DatasetRef, dir_fingerprint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rel(files) -> set[str]:
+    return {str(f.relative_to(REPO)) for f in files}
+
+
+def test_code_version_follows_imports_transitively() -> None:
+    train_files = _rel(code_files(*train.CODE))
+    # train launches trainer_core: all of it counts, and the helpers the stage imports count too
+    assert {"trainer_core/trainer.py", "trainer_core/checkpoint.py", "stages/launch.py", "flows/config.py"} <= train_files
+    prepare_files = _rel(code_files(*prepare_data.CODE))
+    # an edited helper of prepare_data changes its key (Prefect's TASK_SOURCE would miss it) ...
+    assert {"stages/prepare_data.py", "stages/common.py", "stages/caching.py", "stages/refs.py"} <= prepare_files
+    # ... but editing the training loop does not invalidate tokenized data
+    assert "trainer_core/trainer.py" not in prepare_files
+
+
+def test_learning_rate_changes_train_key_but_not_the_data_stages() -> None:
+    base, faster = compose([]), compose(["trainer.learning_rate=3e-5"])
+    assert build_dataloaders.BatchGeometry.of(base.trainer, base.hardware) == build_dataloaders.BatchGeometry.of(
+        faster.trainer, faster.hardware
+    )
+    data_keys = [stage_key("prepare_data", {"task": c.task, "model": c.model, "paths": c.paths}, prepare_data.CODE)
+                 for c in (base, faster)]
+    assert data_keys[0] == data_keys[1]
+    train_keys = [stage_key("train", {"trainer": c.trainer, "run": None}, train.CODE) for c in (base, faster)]
+    assert train_keys[0] != train_keys[1]
+    # the MLflow run a stage reports to is not part of what it computes
+    assert stage_key("train", {"trainer": base.trainer, "run": "a"}, train.CODE) == stage_key(
+        "train", {"trainer": base.trainer, "run": "b"}, train.CODE
+    )
+    longer = compose(["task.max_seq_length=64"])
+    assert stage_key("prepare_data", {"task": base.task}, prepare_data.CODE) != stage_key(
+        "prepare_data", {"task": longer.task}, prepare_data.CODE
+    )
+
+
+@pytest.fixture
+def results(tmp_path: Path):
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        (tmp_path / "results").mkdir()
+        yield tmp_path / "results"
+
+
+def test_a_record_whose_files_are_gone_or_altered_is_dropped(tmp_path: Path, results: Path) -> None:
+    cfg = compose([f"paths.root={tmp_path}"])
+    params = {"task": cfg.task, "model": cfg.model, "paths": cfg.paths}
+    key_fn = cache_key_fn("prepare_data", prepare_data.CODE)
+    key = key_fn(None, params)
+    record = results / key
+
+    # a valid output: the record is kept, so Prefect serves the cached Ref
+    out = stage_dir(cfg.paths.root, key)
+    (out / "dataset").mkdir(parents=True)
+    (out / "dataset" / "data.arrow").write_bytes(b"rows")
+    ref = DatasetRef(path=str(out), fingerprint=dir_fingerprint(out), num_rows={"train": 1}, text_columns=["text"],
+                     label_names=[], vocab_size=10, tokenizer_fingerprint="x")
+    ref.save(out / "ref.json")
+    record.write_text("{}")
+    assert key_fn(None, params) == key and record.exists()
+
+    # altered bytes: the record goes, so the stage runs again instead of handing on a broken Ref
+    (out / "dataset" / "data.arrow").write_bytes(b"rowz")
+    assert key_fn(None, params) == key and not record.exists()
+
+    # gone entirely: same
+    record.write_text("{}")
+    (out / "ref.json").unlink()
+    key_fn(None, params)
+    assert not record.exists()
+
+
+def test_batch_geometry_holds_only_what_shapes_the_plan() -> None:
+    fields = {f.name for f in dataclasses.fields(build_dataloaders.BatchGeometry)}
+    assert "learning_rate" not in fields and "weight_decay" not in fields
+    assert {"per_device_train_batch_size", "gradient_accumulation_steps", "seed", "world_size"} <= fields

@@ -1,0 +1,158 @@
+"""The whole flow on a tiny model, as a user runs it: `python -m flows.finetune ...` in a subprocess.
+
+Asserts on what a run leaves behind: checkpoints, the MLflow run (params, one loss point per logging step,
+metrics, the predictions artifact), the registered version and its alias, Prefect cache hits, and a model that
+a fresh process loads by alias.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.pipeline.helpers import FAST, report, run_cli, write_glue_folder
+
+pytestmark = pytest.mark.integration
+STAGES = ["prepare_data", "build_dataloaders", "train", "evaluate", "predict", "register"]
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """The default task on tiny_bert, ephemeral Prefect (no server), SQLite MLflow under paths.root."""
+    root = tmp_path_factory.mktemp("flow")
+    started = time.monotonic()
+    done = run_cli([*FAST, f"paths.root={root}"])
+    elapsed = time.monotonic() - started
+    _ok(done)
+    return root, report(root), elapsed, done.stdout + done.stderr
+
+
+def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
+    root, rep, _, output = first
+    assert rep["stages"] == dict.fromkeys(STAGES, "ran")
+    assert rep["global_step"] == 24
+    # checkpoints committed on disk, each with its manifest; the final model as safetensors
+    run_dir = Path(rep["run_dir"])
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert checkpoints == ["step-00000012", "step-00000024"]
+    assert all((run_dir / "checkpoints" / c / "manifest.json").is_file() for c in checkpoints)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / "accelerate.yaml").is_file()  # the launch config, kept for reproduction
+    # the ranks' log lines reached the Prefect logger
+    assert "Task run 'train-" in output and "step 24:" in output
+    assert "MLflow run:" in output and rep["model_name"] in output
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(rep["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.learning_rate"] == "0.001"
+    assert run.data.params["model.name"] == "tiny_bert"
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert loss_steps == [4, 8, 12, 16, 20, 24]  # one point per logging step, step = global step
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")}
+    assert lr[24] < lr[4]  # linear decay reached the run
+    for key in ("validation_accuracy", "validation_f1", "validation_loss", "test_accuracy"):
+        assert key in run.data.metrics
+    assert rep["metrics"]["validation_accuracy"] == pytest.approx(run.data.metrics["validation_accuracy"])
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
+    assert artifacts == ["predictions/predictions.jsonl"]
+    rows = [json.loads(line) for line in Path(rep["predictions"]).read_text().splitlines()]
+    assert len(rows) == 128 and {r["label"] for r in rows} <= {"rotten", "fresh"}
+
+    version = client.get_model_version_by_alias(rep["model_name"], "candidate")
+    assert str(version.version) == rep["model_version"] == "1"
+    assert version.tags["mlflow_run_id"] == run.info.run_id
+    for tag in ("model_fingerprint", "config_hash", "data_fingerprint", "tokenizer_hash", "code_version",
+                "prefect_flow_run_id", "gate.decision"):
+        assert version.tags[tag], tag
+
+
+def test_registered_model_loads_by_alias_in_a_fresh_process(first) -> None:
+    root, rep, _, _ = first
+    code = (
+        "import json, mlflow\n"
+        f"mlflow.set_tracking_uri('sqlite:///{root}/mlflow.db')\n"
+        f"model = mlflow.pyfunc.load_model('models:/{rep['model_name']}@candidate')\n"
+        "out = model.predict(['A warm, funny, sharply written film.', 'Dull and lifeless.'])\n"
+        "print(json.dumps(out.to_dict(orient='records')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2
+    assert all(r["label"] in ("rotten", "fresh") and 0.5 <= r["score"] <= 1.0 for r in rows)
+
+
+def test_identical_rerun_is_served_from_cache(first) -> None:
+    root, rep, first_seconds, _ = first
+    started = time.monotonic()
+    done = run_cli([*FAST, f"paths.root={root}"])
+    elapsed = time.monotonic() - started
+    _ok(done)
+    again = report(root)
+    assert again["stages"] == dict.fromkeys(STAGES, "cached")
+    assert (again["model_name"], again["model_version"]) == (rep["model_name"], rep["model_version"])
+    assert again["metrics"] == rep["metrics"]
+    assert elapsed < 0.7 * first_seconds, (elapsed, first_seconds)
+
+
+def test_changing_only_the_learning_rate_reuses_the_data_stages(first, prefect_server) -> None:
+    root, rep, _, _ = first
+    done = run_cli([*FAST, "trainer.learning_rate=2e-3", f"paths.root={root}"], env={"PREFECT_API_URL": prefect_server.url})
+    _ok(done)
+    changed = report(root)
+    assert changed["stages"] == {
+        "prepare_data": "cached", "build_dataloaders": "cached",
+        "train": "ran", "evaluate": "ran", "predict": "ran", "register": "ran",
+    }
+    assert "train: cache miss (changed: trainer)" in done.stdout + done.stderr
+    assert changed["model_version"] == "2" and changed["mlflow_run_id"] != rep["mlflow_run_id"]
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory) -> Path:
+    return write_glue_folder(tmp_path_factory.mktemp("data") / "glue")
+
+
+@pytest.mark.parametrize("subset,columns", [("mrpc", ["sentence1", "sentence2"]), ("sst2", ["sentence"])])
+def test_glue_from_a_local_folder_laid_out_like_the_hub(tmp_path, glue, prefect_server, subset, columns) -> None:
+    done = run_cli(
+        [*FAST, "task=glue", f"task.subset={subset}", f"task.dataset_path={glue}", f"paths.root={tmp_path}"],
+        env={"PREFECT_API_URL": prefect_server.url},
+    )
+    _ok(done)
+    rep = report(tmp_path)
+    assert rep["model_name"] == f"glue-{subset}-tiny_bert" and "candidate" in rep["aliases"]
+    assert "validation_accuracy" in rep["metrics"]
+    assert not any(k.startswith("test_") for k in rep["metrics"])  # GLUE test labels are -1: not scored
+    rows = [json.loads(line) for line in Path(rep["predictions"]).read_text().splitlines()]
+    assert len(rows) == 96 and all(set(columns) <= set(r) and "true_label" not in r for r in rows)
+
+
+def test_ddp_2cpu_really_runs_two_ranks(tmp_path, prefect_server) -> None:
+    done = run_cli(
+        [*FAST, "hardware=ddp_2cpu", "trainer.per_device_train_batch_size=8", "trainer.log_level_replica=info",
+         f"paths.root={tmp_path}"],
+        env={"PREFECT_API_URL": prefect_server.url},
+    )
+    _ok(done)
+    output = done.stdout + done.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}/2: world_size=2" in output
+    shards = {}
+    for line in output.splitlines():
+        if "first batch sample indices" in line:
+            rank = line.split("rank ")[-1].split("/")[0]
+            shards[rank] = line.split("indices")[-1].strip()
+    assert len(shards) == 2 and shards["0"] != shards["1"]  # each rank its own half of the global batch
+    assert report(tmp_path)["global_step"] == 24
