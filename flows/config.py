@@ -107,6 +107,10 @@ class HardwareConfig:
     main_process_ip: str | None = None
     main_process_port: int | None = None
     rdzv_backend: str = "static"
+    gpus_per_machine: int = 1
+    """multinode: processes per machine."""
+    mixed_precision: str | None = None
+    """Precision this hardware trains at (e.g. bf16 for FSDP) when trainer.mixed_precision is left at no."""
     fsdp_config: dict[str, Any] = field(default_factory=dict)
     deepspeed_config: dict[str, Any] = field(default_factory=dict)
     threads_per_process: int | None = None
@@ -217,6 +221,8 @@ def _register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("glue"):
         OmegaConf.register_new_resolver("glue", _glue_resolver)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
 _HYDRA_HINTS = (
@@ -246,6 +252,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
     finally:
         GlobalHydra.instance().clear()
     cfg.paths.root = str(Path(os.path.expanduser(cfg.paths.root)).resolve())
+    if cfg.hardware.mixed_precision and cfg.trainer.mixed_precision == "no":
+        cfg.trainer.mixed_precision = cfg.hardware.mixed_precision
     if cfg.registry.champion_metric is None:
         cfg.registry.champion_metric = cfg.task.metrics[0]
     if cfg.task.dataset_path:

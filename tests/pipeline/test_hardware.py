@@ -1,0 +1,89 @@
+"""The hardware group: every variant composes into a valid accelerate launch YAML; impossible ones are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from flows.config import CONF_DIR, ConfigError, compose
+from stages.launch import accelerate_config, launch_command, preflight, write_accelerate_config
+
+HARDWARE = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+
+
+def test_the_issue_s_hardware_variants_ship() -> None:
+    assert {"cpu", "ddp_2cpu", "gpu", "ddp_2gpu", "ddp_8gpu", "fsdp_2gpu", "fsdp_8gpu_offload", "deepspeed_zero2",
+            "deepspeed_zero3", "multinode"} <= set(HARDWARE)
+
+
+@pytest.mark.parametrize("name", HARDWARE)
+def test_every_variant_makes_a_valid_accelerate_yaml(tmp_path: Path, monkeypatch, name: str) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    cfg = compose([f"hardware={name}"])
+    path = write_accelerate_config(cfg.hardware, tmp_path / "accelerate.yaml", cfg.trainer.mixed_precision)
+    loaded = load_config_from_file(str(path))  # accelerate's own parser: unknown keys or bad values fail here
+    assert loaded.num_processes == cfg.hardware.num_processes
+    assert loaded.num_machines == cfg.hardware.num_machines
+    assert str(loaded.mixed_precision) == cfg.trainer.mixed_precision
+    raw = yaml.safe_load(path.read_text())
+    if cfg.hardware.distributed_type == "FSDP":
+        assert raw["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert raw["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        assert cfg.trainer.mixed_precision == "bf16"
+    if cfg.hardware.distributed_type == "DEEPSPEED":
+        assert raw["deepspeed_config"]["zero_stage"] in (2, 3)
+
+
+def test_cpu_ddp_uses_the_launcher_that_really_starts_two_ranks(tmp_path: Path) -> None:
+    cfg = compose(["hardware=ddp_2cpu"])
+    config = accelerate_config(cfg.hardware)
+    # a MULTI_CPU config file (or use_cpu alone) silently gives ranks of world size 1
+    assert config["distributed_type"] == "MULTI_GPU" and config["num_processes"] == 2
+    _, env = launch_command(cfg.hardware, tmp_path / "a.yaml", ["-m", "trainer_core.run"])
+    assert env["ACCELERATE_USE_CPU"] == "true" and env["OMP_NUM_THREADS"] >= "1"
+
+
+def test_variants_list_only_what_differs_from_their_base() -> None:
+    text = (CONF_DIR / "hardware" / "fsdp_8gpu_offload.yaml").read_text()
+    assert "- fsdp_2gpu" in text and "fsdp_auto_wrap_policy" not in text
+
+
+def test_multinode_reads_the_topology_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    monkeypatch.setenv("SLURM_NODEID", "3")
+    monkeypatch.setenv("GPUS_PER_MACHINE", "8")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    hw = compose(["hardware=multinode"]).hardware
+    assert (hw.num_machines, hw.machine_rank, hw.num_processes) == (4, 3, 32)
+    assert (hw.main_process_ip, hw.main_process_port) == ("10.0.0.7", 29511)
+
+
+@pytest.mark.parametrize(
+    "overrides,fragments",
+    [
+        (["hardware=fsdp_2gpu"], ["hardware=fsdp_2gpu needs 2 GPU(s)", "hardware=cpu"]),
+        (["hardware=gpu"], ["hardware=gpu needs 1 GPU(s)"]),
+        (["hardware=multinode", "hardware.use_cpu=true"], ["num_machines=2 needs the rendezvous address", "MASTER_ADDR"]),
+    ],
+)
+def test_preflight_refuses_what_this_machine_cannot_do(monkeypatch, overrides, fragments) -> None:
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    cfg = compose(overrides)
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg.hardware, cfg.trainer.mixed_precision)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_deepspeed_missing_is_refused_before_launch() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here: nothing to refuse")
+    cfg = compose(["hardware=deepspeed_zero2", "hardware.use_cpu=true"])
+    with pytest.raises(ConfigError, match=r"needs DeepSpeed, which is not installed.*\[deepspeed\]"):
+        preflight(cfg.hardware, "no")
