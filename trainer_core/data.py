@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,15 +95,20 @@ class BatchPlan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # metadata as a JSON string inside the npz: loadable with allow_pickle=False
-        with open(path, "wb") as f:
-            np.savez(
-                f,
-                micro_batches=self.micro_batches,
-                step_starts=self.step_starts,
-                step_epochs=self.step_epochs,
-                meta=np.array(json.dumps(self.meta, sort_keys=True)),
-            )
+        arrays = {
+            "micro_batches": self.micro_batches,
+            "step_starts": self.step_starts,
+            "step_epochs": self.step_epochs,
+            # metadata as a JSON string inside the npz: loadable with allow_pickle=False
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+        # an .npz by hand with fixed zip timestamps (np.savez stamps the current time): the same plan gives
+        # the same bytes, so a file hash can serve as a cache key
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
         return path
 
     @classmethod

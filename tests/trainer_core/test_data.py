@@ -76,3 +76,12 @@ def test_save_load_roundtrip(tmp_path):
     assert loaded.meta == plan.meta
     with np.load(path, allow_pickle=False) as data:  # no pickle inside
         assert set(data.files) == {"micro_batches", "step_starts", "step_epochs", "meta"}
+
+
+def test_saved_bytes_are_deterministic(tmp_path):
+    import time
+
+    plan = build_batch_plan(30, 4, 3, 2, -1, seed=9)
+    first = plan.save(tmp_path / "a.npz").read_bytes()
+    time.sleep(2.1)  # zip timestamps have a 2 s resolution
+    assert plan.save(tmp_path / "b.npz").read_bytes() == first
