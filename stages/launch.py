@@ -5,6 +5,10 @@
 Two traps of accelerate 1.x on CPU handled here: `--cpu --num_processes 2` (and a config file with
 distributed_type MULTI_CPU or use_cpu: true) silently starts ranks that each see world size 1. Real DDP over
 gloo needs the multi-GPU launcher with ACCELERATE_USE_CPU=true in the environment.
+FSDP on CPU: Accelerate's FSDP plugin would silently become DDP, so the launcher starts plain gloo ranks (the
+same multi-GPU launcher) and trainer_core shards with FSDP2 itself, told by RunSpec.distributed
+(`distributed_spec`). Several machines on CPU: one `accelerate launch` per machine, machine_rank 0..N-1, all
+pointing at main_process_ip:main_process_port (static rendezvous), e.g. two on 127.0.0.1 to try it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ def free_port() -> int:
 def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> dict[str, Any]:
     """The accelerate launch YAML for this hardware (written next to the run for reproduction)."""
     distributed = hardware.distributed_type
-    if hardware.use_cpu and distributed == "MULTI_CPU":
-        distributed = "MULTI_GPU"  # with ACCELERATE_USE_CPU=true: the only way to get real gloo ranks
+    if hardware.use_cpu and distributed in ("MULTI_CPU", "FSDP"):
+        # with ACCELERATE_USE_CPU=true: the only way to get real gloo ranks (FSDP: trainer_core shards itself)
+        distributed = "MULTI_GPU"
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed,
@@ -93,6 +98,12 @@ def preflight(hardware: HardwareConfig, mixed_precision: str = "no") -> None:
         )
     if errors:
         raise ConfigError("The hardware config cannot run here:\n - " + "\n - ".join(errors))
+
+
+def distributed_spec(hardware: HardwareConfig) -> dict[str, Any]:
+    """What trainer_core must know of the topology (RunSpec.distributed): FSDP is done by trainer_core on CPU."""
+    return {"distributed_type": hardware.distributed_type, "fsdp_config": dict(hardware.fsdp_config),
+            "num_machines": hardware.num_machines, "num_processes": hardware.num_processes}
 
 
 def write_accelerate_config(hardware: HardwareConfig, path: Path, mixed_precision: str = "no") -> Path:

@@ -19,7 +19,7 @@ from prefect import task
 from flows.config import HardwareConfig, ModelConfig, PathsConfig, TaskConfig, stable_hash
 from stages.caching import cache_key_fn, explain_miss, key_components, stage_dir, stage_key, stage_logger
 from stages.common import resolve_model_path
-from stages.launch import launch_command, preflight, write_accelerate_config
+from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
 from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
@@ -38,7 +38,7 @@ class TrainingFailed(RuntimeError):
 
 def build_spec(
     task: TaskConfig, model: ModelConfig, trainer: TrainingArguments, data: DatasetRef, plan: BatchPlanRef,
-    run_dir: Path, run: RunInfo | None,
+    run_dir: Path, run: RunInfo | None, hardware: HardwareConfig | None = None,
 ) -> RunSpec:
     model_config = dict(model.config)
     if model_config and resolve_model_path(model) is None:
@@ -65,8 +65,24 @@ def build_spec(
         output_dir=str(run_dir),
         # What a checkpoint must agree with to be resumed: same model, task and data.
         config_hash=stable_hash({"model": model, "task": task, "data": data.fingerprint})[:16],
+        config_components=config_components(task, model, data),
         mlflow_run_id=run.run_id if run else None,
+        distributed=distributed_spec(hardware) if hardware is not None else {},
     )
+
+
+def config_components(task: TaskConfig, model: ModelConfig, data: DatasetRef) -> dict[str, str | int]:
+    """The parts of the checkpoint config_hash, readable: a refused resume names the ones that differ."""
+    return {
+        "model": model.name,
+        "model.name_or_path": str(resolve_model_path(model) or "random init"),
+        "model.config": stable_hash(model)[:16],
+        "task": task.name,
+        "task.family": task.family,
+        "num_labels": task.num_labels,
+        "task.config": stable_hash(task)[:16],
+        "data.fingerprint": data.fingerprint[:16],
+    }
 
 
 def model_ref(run_dir: Path) -> ModelRef | None:
@@ -134,7 +150,14 @@ def train(
 
 def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, shipper, logger) -> ModelRef:
     preflight(hardware, trainer.mixed_precision)
-    spec = build_spec(task, model, trainer, data, plan, run_dir, run)
+    spec = build_spec(task, model, trainer, data, plan, run_dir, run, hardware)
+    if trainer.resume_from_checkpoint:
+        how = "warm start" if trainer.warm_start else "continue" if trainer.continue_training else "resume"
+        logger.info("train: %s from %s (trainer.resume_from_checkpoint)", how, trainer.resume_from_checkpoint)
+        if run:
+            from stages.tracking import client
+
+            client(run.tracking_uri).set_tag(run.run_id, "resumed_from", f"{how}: {trainer.resume_from_checkpoint}")
     (run_dir / "spec.json").write_text(spec.to_json())
     config_file = write_accelerate_config(hardware, run_dir / "accelerate.yaml", trainer.mixed_precision)
     cmd, env = launch_command(hardware, config_file, ["-m", "trainer_core.run", "--spec", str(run_dir / "spec.json")])

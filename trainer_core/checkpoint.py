@@ -35,7 +35,8 @@ logger = logging.getLogger("trainer_core.checkpoint")
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _SAFE_FILES = re.compile(
-    r"^(model\.safetensors|optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.json|rng_state_\d+\.json|manifest\.json)$"
+    r"^(model\.safetensors|optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.json|rng_state_\d+\.json|manifest\.json"
+    r"|model_shard_\d+\.safetensors|optimizer_shard_\d+\.safetensors)$"  # FSDP2 shards: trainer_core.distributed
 )
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 

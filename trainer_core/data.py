@@ -204,6 +204,8 @@ class PlanBatchSampler:
 
     def __init__(self, plan: BatchPlan, rank: int, world_size: int, start_micro_batch: int = 0):
         self.plan, self.rank, self.world_size, self.start = plan, rank, world_size, start_micro_batch
+        self.yielded: list[tuple[int, list[int]]] = []
+        """(micro-batch, this rank's sample indices) handed to the DataLoader since the last `take_yielded`."""
 
     def is_empty(self, micro_batch: int) -> bool:
         return not self.plan.shard(micro_batch, self.rank, self.world_size)
@@ -211,7 +213,13 @@ class PlanBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         for micro_batch in range(self.start, len(self.plan.micro_batches)):
             indices = self.plan.shard(micro_batch, self.rank, self.world_size)
+            self.yielded.append((micro_batch, indices))  # a stand-in for an empty chunk is recorded as []
             yield indices or [int(self.plan.micro_batches[micro_batch][0])]
 
     def __len__(self) -> int:
         return len(self.plan.micro_batches) - self.start
+
+    def take_yielded(self) -> list[tuple[int, list[int]]]:
+        """What this rank trained on since the last call (the Trainer passes it to on_step_end)."""
+        taken, self.yielded = self.yielded, []
+        return taken

@@ -72,7 +72,8 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     return Trainer(
         model, args, train_dataset=train, eval_dataset=evaluation, batch_plan=plan, output_dir=spec.output_dir,
         task=task, task_spec=spec.task, tokenizer=tokenizer, config_hash=spec.config_hash,
-        mlflow_run_id=spec.mlflow_run_id,
+        config_components=spec.config_components,
+        mlflow_run_id=spec.mlflow_run_id, distributed=spec.distributed,
     )
 
 

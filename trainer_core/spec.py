@@ -56,8 +56,14 @@ class RunSpec:
     """Run folder: checkpoints/, final/, metrics.jsonl, train_result.json."""
     config_hash: str = ""
     """Hash of the config that decides the weights; a checkpoint from another config is refused."""
+    config_components: dict[str, Any] = field(default_factory=dict)
+    """What config_hash covers, readable (model, task, num_labels, data fingerprint): a refused resume names
+    the components that differ."""
     mlflow_run_id: str | None = None
     """Recorded in checkpoints only; trainer_core never talks to MLflow."""
+    distributed: dict[str, Any] = field(default_factory=dict)
+    """The requested topology: {"distributed_type": "FSDP", "fsdp_config": {...}} (hardware group). On CPU
+    Accelerate would run FSDP as DDP; trainer_core.distributed shards with FSDP2 instead."""
 
     @property
     def run_dir(self) -> Path:

@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from trainer_core import checkpoint as ckpt
+from trainer_core import distributed as dist_utils
 from trainer_core.args import TrainingArguments
 from trainer_core.callbacks import (
     CallbackHandler,
@@ -132,6 +133,8 @@ class Trainer:
         extra_state: dict[str, Any] | None = None,
         tokenizer: Any = None,
         mlflow_run_id: str | None = None,
+        config_components: dict[str, Any] | None = None,
+        distributed: dict[str, Any] | None = None,
     ):
         from trainer_core.tasks import get_task
 
@@ -140,6 +143,14 @@ class Trainer:
         self.task = task or get_task(self.task_spec.family)
         self.output_dir = Path(output_dir)
         self.config_hash, self.mlflow_run_id = config_hash, mlflow_run_id
+        # readable parts of config_hash, kept in each manifest: a refused resume names what differs
+        model_config = getattr(model, "config", None)
+        self.config_components = {
+            "model": getattr(model_config, "_name_or_path", "") or getattr(model_config, "model_type", type(model).__name__),
+            "task.family": self.task_spec.family,
+            "num_labels": getattr(model_config, "num_labels", self.task_spec.num_labels),
+            **(config_components or {}),
+        }
         self.extra_state = dict(extra_state or {})
         self.tokenizer = tokenizer
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -160,6 +171,10 @@ class Trainer:
                 "build no accelerate PartialState() without cpu=True before the Trainer."
             )
         self._setup_logging()
+        # the requested topology (RunSpec.distributed): FSDP that Accelerate would silently turn into DDP on CPU
+        # is done here with FSDP2 (trainer_core.distributed), checkpoints then hold one shard per rank
+        self.distributed = dict(distributed or {})
+        self._fsdp2 = dist_utils.needs_manual_fsdp(self.distributed, self.accelerator)
         self.model = model
         self.data_collator = data_collator or self.task.data_collator(tokenizer)
         self.compute_metrics = compute_metrics
@@ -284,10 +299,13 @@ class Trainer:
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self._fsdp2:  # before the optimizer: fully_shard replaces the parameters by DTensor shards
+            self.model = dist_utils.shard_model(self.model, self.distributed.get("fsdp_config"), acc.device)
         optimizer = self._setup_optimizer(self.model)
         # prepare the model and optimizer only: the train dataloader is already sharded by the plan (prepare
         # would split it again), and a prepared scheduler steps once per process per optimizer step
-        self.model = acc.prepare_model(self.model)
+        if not self._fsdp2:
+            self.model = acc.prepare_model(self.model)
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.lr_scheduler = self._setup_scheduler(self.optimizer.optimizer, self.plan.num_steps)
         resume = self._resolve_resume()
@@ -354,10 +372,39 @@ class Trainer:
                           num_workers=0, generator=generator)
 
     def _resolve_resume(self) -> Path | None:
-        path = self.args.resume_from_checkpoint
-        if path is None:
-            return ckpt.find_resumable(self.output_dir)
-        return Path(path)
+        """The checkpoint to resume from: this run's newest complete one (a relaunch), else the one asked for.
+        A warm start loads the asked-for weights here and returns None (the run starts at step 0)."""
+        args, own = self.args, ckpt.find_resumable(self.output_dir)
+        asked = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if own is not None and (asked is None or self.output_dir.resolve() not in asked.resolve().parents):
+            if asked is not None:
+                logger.info("This run already has checkpoint %s: resuming from it, not from %s", own, asked)
+            return own
+        if asked is None:
+            return None
+        if args.warm_start:
+            loaded, skipped = ckpt.load_warm_start(self.accelerator.unwrap_model(self.model), asked)
+            logger.info("Warm start from %s: loaded %d tensors, kept %d freshly initialised (%s); step 0, fresh "
+                        "optimizer", asked, len(loaded), len(skipped), ", ".join(skipped[:8]))
+            return None
+        if (asked / "train_result.json").is_file() and not (asked / ckpt.MANIFEST).is_file():  # a final/ folder
+            if not args.continue_training:
+                raise ValueError(
+                    f"Refusing to resume from {asked}: it is a finished model (final/), not a checkpoint. To train "
+                    "that run further set trainer.continue_training=true (with a larger max_steps), or "
+                    "trainer.warm_start=true to start a new run from its weights."
+                )
+            step = json.loads((asked / "train_result.json").read_text(encoding="utf-8"))["global_step"]
+            last = ckpt.checkpoint_dir(asked.parent, int(step))
+            if ckpt.verify(last) is not None:
+                raise ValueError(
+                    f"Cannot continue from {asked}: its run has no complete checkpoint of step {step} ({last}) to "
+                    "take the optimizer and data position from. Point trainer.resume_from_checkpoint at one of its "
+                    "checkpoints, or use trainer.warm_start=true."
+                )
+            asked = last
+        logger.info("Resuming from the checkpoint asked for (trainer.resume_from_checkpoint): %s", asked)
+        return asked
 
     # --- training --------------------------------------------------------------------------------
     def train(self) -> TrainOutput:
@@ -388,7 +435,7 @@ class Trainer:
                 state.window_loss_sum += step_loss
                 state.global_step = step + 1
                 state.epoch = plan.epoch_progress(step)
-                self.control = self._fire("on_step_end")
+                self.control = self._fire("on_step_end", sample_indices=self._sampler.take_yielded())
                 self._maybe_log_save_evaluate(grad_norm)
                 cut_epoch = self.control.should_epoch_stop and not plan.is_last_step_of_epoch(step)
                 if plan.is_last_step_of_epoch(step) or self.control.should_training_stop or cut_epoch:
@@ -410,7 +457,10 @@ class Trainer:
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             logger.info("Loading best model from %s (%s=%s)", state.best_model_checkpoint,
                         args.best_metric_key(), state.best_metric)
-            ckpt.load_weights(acc.unwrap_model(model), Path(state.best_model_checkpoint) / "model.safetensors")
+            if self._fsdp2:
+                dist_utils.load_sharded(model, None, state.best_model_checkpoint)
+            else:
+                ckpt.load_weights(acc.unwrap_model(model), Path(state.best_model_checkpoint) / "model.safetensors")
         steps_done = max(state.global_step, 1)
         training_loss = state.train_loss_sum / steps_done
         metrics = {"train_loss": training_loss, "epoch": state.epoch}
@@ -443,7 +493,8 @@ class Trainer:
                 local_loss += loss_sum.detach() / total_items
                 if acc.sync_gradients:
                     max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-                    grad_norm = float(acc.clip_grad_norm_(model.parameters(), max_norm))
+                    grad_norm = float(dist_utils.clip_grad_norm_(model.parameters(), max_norm) if self._fsdp2
+                                      else acc.clip_grad_norm_(model.parameters(), max_norm))
                     optimizer.step()
                     self._step_learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, like HF
                     if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
@@ -573,22 +624,27 @@ class Trainer:
             ckpt.begin(self.output_dir, state.global_step)
         acc.wait_for_everyone()
         ckpt.write_json(tmp / f"rng_state_{acc.process_index}.json", ckpt.rng_state())
-        state_dict = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed: every rank calls it
+        if self._fsdp2:  # each rank writes its own shard: no full state dict anywhere
+            dist_utils.save_sharded(self.model, self.optimizer.optimizer, tmp)
+            state_dict = None
+        else:
+            state_dict = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed: every rank calls it
         if state.best_global_step == state.global_step:
             state.best_model_checkpoint = str(final)
         state.stateful_callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callback_handler.stateful()}
         state.stateful_callbacks["extra_state"] = self.extra_state
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.save_weights(state_dict, tmp / "model.safetensors")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if state_dict is not None:
+                ckpt.save_weights(state_dict, tmp / "model.safetensors")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / "trainer_state.json").write_text(state.to_json(), encoding="utf-8")
             self.metrics_file.sync()  # metrics.jsonl holds every step this checkpoint covers
             ckpt.commit(tmp, config_hash=self.config_hash, mlflow_run_id=self.mlflow_run_id,
-                        global_step=state.global_step)
+                        global_step=state.global_step, config_components=self.config_components)
             logger.info("Saved checkpoint %s", final)
             ckpt.rotate(self.output_dir, self.args.save_total_limit, state.best_model_checkpoint)
         acc.wait_for_everyone()
@@ -599,11 +655,19 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore model, optimizer, scheduler, scaler, trainer state, callbacks and this rank's RNG."""
         acc, path = self.accelerator, Path(path)
-        ckpt.check_loadable(path, self.config_hash)
+        ckpt.check_loadable(path, self.config_hash, self.config_components)
+        self._check_same_length(path)
         logger.info("Resuming from checkpoint %s", path)
-        ckpt.load_weights(acc.unwrap_model(self.model), path / "model.safetensors")
-        # onto the CPU first: Optimizer.load_state_dict moves the state to each parameter's device
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        sharded = (path / dist_utils.MODEL_SHARD.format(rank=0)).exists()
+        if sharded != self._fsdp2:
+            raise ValueError(f"{path} is {'a sharded (FSDP)' if sharded else 'an unsharded'} checkpoint but this run "
+                             f"is {'FSDP' if self._fsdp2 else 'not FSDP'}: resume it with the hardware that wrote it.")
+        if self._fsdp2:  # any world size: each rank reads the pieces of the shards it now holds
+            dist_utils.load_sharded(self.model, self.optimizer.optimizer, path)
+        else:
+            ckpt.load_weights(acc.unwrap_model(self.model), path / "model.safetensors")
+            # onto the CPU first: Optimizer.load_state_dict moves the state to each parameter's device
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if acc.scaler is not None and (path / "scaler.pt").exists():
             acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -615,21 +679,48 @@ class Trainer:
             if type(callback).__name__ in loaded.stateful_callbacks:
                 callback.load_state_dict(loaded.stateful_callbacks[type(callback).__name__])
         self.extra_state = loaded.stateful_callbacks.get("extra_state", self.extra_state)
+        # RNG on a world size change (the plan keeps the global batch, each rank takes its share of it): rank r
+        # restores rng_state_r when the checkpoint has it; a rank the saving run did not have takes rank 0's
+        # python/numpy state and a torch generator seeded from (seed, step, rank), so no two ranks draw the same
+        # dropout masks and the relaunch stays reproducible. Files of ranks beyond the new world are unused.
+        saved_ranks = len(list(path.glob("rng_state_*.json")))
+        if saved_ranks != acc.num_processes:
+            logger.warning("%s was written by %d rank(s), this run has %d: RNG restored per rank where present",
+                           path, saved_ranks, acc.num_processes)
         rng_path = path / f"rng_state_{acc.process_index}.json"
-        if not rng_path.exists():
-            logger.warning("%s has no RNG state for rank %d (world size changed?): using rank 0's",
-                           path, acc.process_index)
-            rng_path = path / "rng_state_0.json"
-        ckpt.set_rng_state(json.loads(rng_path.read_text(encoding="utf-8")))
+        if rng_path.exists():
+            ckpt.set_rng_state(json.loads(rng_path.read_text(encoding="utf-8")))
+        else:
+            ckpt.set_rng_state(json.loads((path / "rng_state_0.json").read_text(encoding="utf-8")))
+            torch.manual_seed(self.args.seed * 1_000_003 + loaded.global_step * 1_009 + acc.process_index)
         # a killed run may have logged steps after this checkpoint: they will be logged again
         self.metrics_file.truncate_to(loaded.global_step)
+
+    def _check_same_length(self, path: Path) -> None:
+        """Resuming continues the same run: a checkpoint planned for another number of steps is refused unless
+        trainer.continue_training asks to train it further."""
+        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        planned, step, now = int(saved.get("max_steps") or 0), int(saved.get("global_step", 0)), self.plan.num_steps
+        if self.args.continue_training:
+            if step >= now:
+                raise ValueError(f"trainer.continue_training: {path} is at step {step} but this run plans {now} "
+                                 "steps: nothing to continue, raise trainer.max_steps (or num_train_epochs).")
+            if planned != now:
+                logger.info("Continuing %s (planned for %d steps) to %d steps", path, planned, now)
+        elif planned and planned != now:
+            raise ValueError(
+                f"Refusing to resume from {path}: it belongs to a run of {planned} steps (at step {step}), this run "
+                f"plans {now}. A resume continues the same run; to train it for more steps set "
+                "trainer.continue_training=true, or start a new run (another output_dir)."
+            )
 
     # --- final model -----------------------------------------------------------------------------
     def save_final(self) -> Path:
         """Write <output_dir>/final/ atomically: weights, config, tokenizer, train_result.json (all ranks call)."""
         acc = self.accelerator
         final = self.output_dir / FINAL
-        state_dict = acc.get_state_dict(self.model)
+        # FSDP2: gathered once, onto the main process's CPU (the consolidated model of final/)
+        state_dict = dist_utils.full_state_dict(self.model) if self._fsdp2 else acc.get_state_dict(self.model)
         if acc.is_main_process:
             tmp = self.output_dir / f".tmp-{FINAL}"
             if tmp.exists():
