@@ -105,7 +105,16 @@ class TrainingArguments:
 
     # --- resume ------------------------------------------------------------------------------
     resume_from_checkpoint: str | None = None
-    """None: resume from the newest complete checkpoint of the run, if any. A path: that checkpoint."""
+    """None: resume from the newest complete checkpoint of the run, if any. A path: that checkpoint (also one of
+    another run folder); it must come from the same model, task and data, and the same number of steps unless
+    continue_training is set. Once this run has checkpoints of its own, a relaunch resumes from those."""
+    continue_training: bool = False
+    """Train a finished (or shorter) run further: with resume_from_checkpoint pointing at its last checkpoint
+    (or its final/ folder, whose last checkpoint is used) and a larger max_steps / num_train_epochs, resume the
+    full state and add the missing steps. Without it, a checkpoint planned for another number of steps is refused."""
+    warm_start: bool = False
+    """With resume_from_checkpoint: load only the model weights (tensors whose name and shape match, e.g. another
+    task's encoder) and start a new run at step 0 with a fresh optimizer, schedule and data order."""
 
     def validate(self) -> list[str]:
         """Every problem with these arguments, as 'key: what is wrong and what to do'."""
@@ -157,6 +166,14 @@ class TrainingArguments:
                     f"trainer.load_best_model_at_end=true needs save_steps ({self.save_steps}) to be a multiple of "
                     f"eval_steps ({self.resolved_eval_steps()}): every checkpoint must have been evaluated."
                 )
+        if self.warm_start and not self.resume_from_checkpoint:
+            errors.append("trainer.warm_start=true needs trainer.resume_from_checkpoint=<checkpoint or final/ folder>.")
+        if self.warm_start and self.continue_training:
+            errors.append("trainer.warm_start and trainer.continue_training exclude each other: warm_start loads only "
+                          "the weights, continue_training the whole state; set one of them.")
+        if self.continue_training and not self.resume_from_checkpoint:
+            errors.append("trainer.continue_training=true needs trainer.resume_from_checkpoint=<the run's last "
+                          "checkpoint or its final/ folder>.")
         if self.early_stopping_patience is not None:
             if self.early_stopping_patience <= 0:
                 errors.append(f"trainer.early_stopping_patience={self.early_stopping_patience}: must be > 0 or null (off).")

@@ -7,7 +7,8 @@
         scaler.pt               fp16 grad scaler, when there is one
         rng_state_<rank>.json   python / numpy / torch / cuda RNG of each rank
         trainer_state.json      TrainerState: step (= data cursor), epoch, best metric, callback states
-        manifest.json           sha256 + size of every file, config_hash, mlflow_run_id, global_step
+        manifest.json           sha256 + size of every file, config_hash and the components it hashes
+                                (model, task, num_labels, data fingerprint...), mlflow_run_id, global_step
 
 Everything is written into `.tmp-step-00000120/`, fsynced, then renamed; the manifest is written last, so a
 folder with a manifest that verifies is complete. `find_resumable` takes the newest such folder.
@@ -85,7 +86,8 @@ def begin(output_dir: str | Path, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, *, config_hash: str, mlflow_run_id: str | None, global_step: int) -> Path:
+def commit(tmp: Path, *, config_hash: str, mlflow_run_id: str | None, global_step: int,
+           config_components: dict[str, Any] | None = None) -> Path:
     """fsync every file, write the manifest last, rename into place, fsync the parent (main process only)."""
     files = {}
     for path in sorted(tmp.iterdir()):
@@ -95,6 +97,7 @@ def commit(tmp: Path, *, config_hash: str, mlflow_run_id: str | None, global_ste
         "format": 1,
         "global_step": global_step,
         "config_hash": config_hash,
+        "config_components": dict(config_components or {}),
         "mlflow_run_id": mlflow_run_id,
         "files": files,
     }
@@ -147,10 +150,31 @@ def find_resumable(output_dir: str | Path) -> Path | None:
     return None
 
 
-def check_loadable(path: str | Path, config_hash: str) -> dict[str, Any]:
+def unsafe_files(path: str | Path) -> list[str]:
+    """Files of a checkpoint folder outside the safe list (e.g. pickles, which can run code when loaded)."""
+    return sorted(p.name for p in Path(path).iterdir() if not _SAFE_FILES.match(p.name))
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def describe_difference(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    """`model: 'a' in the checkpoint, 'b' in this run; ...` over the components recorded on both sides."""
+    if not found or not expected:
+        return "(the checkpoint records no config components: compare the two configs' model, task and data)"
+    keys = sorted(set(found) | set(expected))
+    diff = [f"{k}: {found.get(k, '<not recorded>')!r} in the checkpoint, {expected.get(k, '<not recorded>')!r} in "
+            f"this run" for k in keys if found.get(k) != expected.get(k)]
+    return "; ".join(diff) or "(no recorded component differs: the difference is in a part of the config not recorded)"
+
+
+def check_loadable(path: str | Path, config_hash: str, config_components: dict[str, Any] | None = None) -> dict[str, Any]:
     """Raise ValueError unless `path` verifies, holds only known safe files and comes from this config."""
     path = Path(path)
-    unsafe = sorted(p.name for p in path.iterdir() if not _SAFE_FILES.match(p.name))
+    if not path.is_dir():
+        raise ValueError(f"Refusing checkpoint {path}: no such folder.")
+    unsafe = unsafe_files(path)
     if unsafe:
         raise ValueError(
             f"Refusing checkpoint {path}: it holds files outside the safe list ({', '.join(unsafe)}); "
@@ -159,13 +183,47 @@ def check_loadable(path: str | Path, config_hash: str) -> dict[str, Any]:
     reason = verify(path)
     if reason is not None:
         raise ValueError(f"Refusing checkpoint {path}: {reason}.")
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(path)
     if manifest["config_hash"] != config_hash:
+        differs = describe_difference(manifest.get("config_components") or {}, config_components or {})
         raise ValueError(
             f"Refusing checkpoint {path}: it was written by config {manifest['config_hash']!r} but this run has "
-            f"config {config_hash!r}. Resume with the same config, or start a new run (another output_dir)."
+            f"config {config_hash!r}. What differs: {differs}. Resume with the same model, task and data, start a "
+            "new run (another output_dir), or set trainer.warm_start=true to load only the weights."
         )
     return manifest
+
+
+_PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".npy", ".npz")
+
+
+def load_warm_start(model: torch.nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load only the weights of `path` (a checkpoint or a final/ folder) into `model`: tensors whose name and
+    shape match; returns (loaded, skipped) names. Refuses a folder holding pickle files it does not know."""
+    path = Path(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"Refusing warm start from {path}: no model.safetensors in it.")
+    suspicious = [name for name in unsafe_files(path) if name.endswith(_PICKLE_SUFFIXES)]
+    if suspicious:
+        raise ValueError(
+            f"Refusing warm start from {path}: it holds pickled files ({', '.join(suspicious)}) that can run code "
+            "when loaded. Remove them or use another checkpoint."
+        )
+    if (path / MANIFEST).is_file() and (reason := verify(path)) is not None:
+        raise ValueError(f"Refusing warm start from {path}: {reason}.")
+    from safetensors import safe_open
+
+    tensors = load_file(str(weights))
+    with safe_open(str(weights), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for name, source in aliases.items():
+        tensors[name] = tensors[source]
+    own = model.state_dict()
+    usable = {k: v for k, v in tensors.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    return sorted(usable), skipped
 
 
 # --- model weights -----------------------------------------------------------------------------

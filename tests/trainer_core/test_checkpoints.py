@@ -137,7 +137,9 @@ def test_resume_to_a_later_max_step_adds_the_missing_steps(tmp_path):
     first = make_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, shuffle=False)
     first.train()
     first.cleanup()
-    later = make_trainer(tmp_path, max_steps=7, save_strategy="steps", save_steps=2, shuffle=False)
+    # more steps than the run was planned for: an explicit continuation, not a plain resume
+    later = make_trainer(tmp_path, max_steps=7, save_strategy="steps", save_steps=2, shuffle=False,
+                         continue_training=True, resume_from_checkpoint=str(ckpt.checkpoint_dir(tmp_path, 4)))
     result = later.train()
     assert result.global_step == 7
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
