@@ -1,0 +1,56 @@
+"""Resume on a different world size: killed with 2 processes, relaunched with 1 (and the reverse).
+
+The batch plan fixes the global micro-batch G = 8; the relaunch doubles (halves) per_device_train_batch_size
+so per_device × world stays 8, and resumes at the checkpoint's global step, i.e. the same plan row. What is
+restored: model, optimizer, scheduler, trainer state and data cursor (all world-size independent); RNG per rank
+where the checkpoint has that rank's file, a (seed, step, rank)-seeded torch generator for a new rank. The runs
+use dropout 0, so the RNG does not enter the comparison.
+
+Tolerance: atol 1e-5 against the uninterrupted run of the new world size (the shared reference runs), as in
+test_equivalence: same batches, only the float32 summation order across ranks differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.helpers import launch, make_spec, read_records
+from tests.distributed.test_equivalence import assert_same_run
+
+pytestmark = pytest.mark.integration
+HARDWARE = {1: ["hardware=cpu"], 2: ["hardware=ddp_2cpu"]}
+CHECKPOINT = 3  # the kill comes in the middle of step 5's window; the last checkpoint is step 3
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_keeps_the_global_batch(reference_runs, tmp_path, before, after):
+    _, killed_path = make_spec(tmp_path, "run", before, kill_at=4)
+    killed = launch(HARDWARE[before], killed_path)
+    assert killed.returncode != 0
+    spec, path = make_spec(tmp_path, "run", after)  # same run folder, per-device batch 8 // after
+    assert spec.args.per_device_train_batch_size * after == 8
+    relaunch = launch(HARDWARE[after], path)
+    log = relaunch.stdout + relaunch.stderr
+    assert relaunch.returncode == 0, log[-4000:]
+    assert f"Resuming from checkpoint {spec.output_dir}/checkpoints/step-{CHECKPOINT:08d}" in log
+    assert f"was written by {before} rank(s), this run has {after}" in log
+    assert f"world_size={after} per_device_train_batch_size={8 // after}" in log
+
+    # steps 1-3 were trained at the old world size, 4-6 at the new one: all match the uninterrupted references
+    assert_same_run(spec, reference_runs[before][0], steps={1, 2, 3})
+    assert_same_run(spec, reference_runs[after][0], steps={4, 5, 6})
+
+    # what each rank trained on: the old run up to the checkpoint (later steps were rolled back), then the new
+    records = read_records(Path(spec.output_dir).parent / f"samples-ws{before}")
+    kept = [r for r in records if r["event"] == "step" and r["step"] <= CHECKPOINT]
+    resumed = [r for r in read_records(Path(spec.output_dir).parent / f"samples-ws{after}") if r["event"] == "step"]
+    assert {r["rank"] for r in kept} == set(range(before)) and {r["rank"] for r in resumed} == set(range(after))
+    assert min(r["step"] for r in resumed) == CHECKPOINT + 1
+    seen: dict[int, list[int]] = {0: [], 1: []}  # epoch -> samples; 5 micro-batches of 8 (37 samples) per epoch
+    for r in kept + resumed:
+        for mb, indices in r["micro_batches"]:
+            seen[mb // 5] += indices
+    for epoch, samples in seen.items():
+        assert sorted(samples) == list(range(37)), f"epoch {epoch}: a sample seen twice or skipped"
