@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from flows.registry import RegistryError, connect, get_version, parse_model_uri, resolve_tracking_uri
@@ -130,6 +131,7 @@ def predict_file(args: dict[str, str | None]) -> int:
     columns = text_columns(frame, wanted)
     log.info("predict: %s v%s (%s), %d rows of %s, loaded in %.1f s", name, version.version, ref, len(frame),
              source, time.monotonic() - started)
+    started = time.monotonic()
 
     batch_size, log_every = int(args["batch_size"]), int(args["log_every"])
     parts, done, next_log = [], 0, log_every
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("mlflow", "transformers", "httpx", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
