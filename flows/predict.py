@@ -18,6 +18,7 @@ Bad input prints one line starting with `error:` and exits non-zero (2: argument
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -86,10 +87,30 @@ def text_columns(frame, wanted: list[str]) -> list[str]:
             return [name]
     if len(frame.columns) == 1:
         return [str(frame.columns[0])]
+    names = " or ".join(repr(n) for n in dict.fromkeys((wanted[0], "text")))
     raise RegistryError(
-        f"input has no column {wanted[0]!r} or 'text', and more than one column "
+        f"input has no column {names}, and more than one column "
         f"({', '.join(map(str, frame.columns))}): rename the text column to 'text'"
     )
+
+
+def model_text_columns(version) -> list[str] | None:
+    """The model's input columns from its serving.json, fetched alone (not the weights); None if not found."""
+    import tempfile as _tempfile
+
+    import mlflow
+    import yaml
+
+    try:
+        with _tempfile.TemporaryDirectory() as tmp:
+            mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{version.source}/MLmodel", dst_path=tmp)).read_text())
+            folder = mlmodel["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
+            meta = json.loads(Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{version.source}/{folder}/serving.json", dst_path=tmp)).read_text())
+        return list(meta["text_columns"])
+    except Exception:  # noqa: BLE001 - another layout: the columns are checked once the model is loaded
+        return None
 
 
 def _write(frame, path: Path) -> None:
@@ -124,6 +145,9 @@ def predict_file(args: dict[str, str | None]) -> int:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    early = model_text_columns(version)
+    if early:
+        text_columns(frame, early)  # a wrong file fails before the weights are downloaded
     started = time.monotonic()
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
     python_model = model.unwrap_python_model()
