@@ -156,3 +156,13 @@ def test_model_uri_and_rollback_chain() -> None:
     assert previous_champion(Version("2", {"gate.decision": "not_promoted", "promoted_by": "manual",
                                            "promoted_from": "3"})) == "3"
     assert previous_champion(Version("2", {"gate.decision": "not_promoted"})) is None
+
+
+def test_serve_refuses_without_a_prefect_api(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    started = time.monotonic()
+    done = run_module("flows.serve", "--root", str(tmp_path / "state"), "--api-url", url)
+    _fails_cleanly(done, 1, url, "does not answer", "prefect server start --host 127.0.0.1")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "state").exists()  # refused before creating any state
+    _fails_cleanly(run_module("flows.serve", "--max-trainings", "0", "--api-url", url), 2, "--max-trainings")
