@@ -81,6 +81,26 @@ def gate(mlflow_client, registry: RegistryConfig, metrics: dict[str, float], dat
     )
 
 
+def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDecision) -> None:
+    """Flows that pass the gate at the same time all move champion; the last writer must not win with a worse model.
+
+    Versions promoted against the same predecessor raced each other: after our own write, champion goes to the
+    best of them. Their gate tags are written before their alias, so whichever finishes last sees them all.
+    """
+    name = registry.model_name
+    racers = [
+        v for v in mlflow_client.search_model_versions(f"name = '{name}'")
+        if v.tags.get("gate.decision") == "promoted"
+        and v.tags.get("gate.champion_version") == str(decision.champion_version)
+    ]
+    if len(racers) < 2:
+        return
+    sign = 1.0 if registry.greater_is_better else -1.0
+    # ties go to the first registered: what a sequential run would have kept
+    best = max(racers, key=lambda v: (sign * float(v.tags.get("gate.value", "nan")), -int(v.version)))
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(best.version))
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(
@@ -173,6 +193,8 @@ def register(
     name = registry.model_name
     version = _existing_version(mlflow_client, name, model.fingerprint)
     if version is not None:
+        # Idempotent: the version, its aliases and its gate record stay as they are (re-gating a champion
+        # against itself would overwrite the record of the champion it replaced).
         log.info("register: these weights are already %s v%s; reusing it", name, version.version)
     else:
         package = _package_model(model, data, task, out)
@@ -192,13 +214,14 @@ def register(
         }
         version = _create_version(mlflow_client, name, source, run.run_id, lineage)
         log.info("register: created %s v%s", name, version.version)
-    mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
-    decision = gate(mlflow_client, registry, metrics.metrics, data.fingerprint)
-    for key, value in decision.tags(registry).items():
-        mlflow_client.set_model_version_tag(name, version.version, key, value)
-    if decision.promote:
-        mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
-    log.info("register: champion gate %s (%s)", "passed" if decision.promote else "not passed", decision.reason)
+        mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
+        decision = gate(mlflow_client, registry, metrics.metrics, data.fingerprint)
+        for key, value in decision.tags(registry).items():
+            mlflow_client.set_model_version_tag(name, version.version, key, value)
+        if decision.promote:
+            mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
+            _settle_champion(mlflow_client, registry, decision)
+        log.info("register: champion gate %s (%s)", "passed" if decision.promote else "not passed", decision.reason)
     aliases = sorted(mlflow_client.get_model_version(name, version.version).aliases)
     ref = ModelVersionRef(
         name=name, version=str(version.version), aliases=aliases, run_id=run.run_id,

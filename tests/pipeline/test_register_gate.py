@@ -1,0 +1,60 @@
+"""The champion gate against a real (SQLite) MLflow registry: thresholds, comparisons, concurrent promotions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.config import RegistryConfig
+from stages.register import CHAMPION, GateDecision, _settle_champion, gate
+
+NAME = "sentiment"
+DATA = "data-fp"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> MlflowClient:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model(NAME)
+    return client
+
+
+def _version(client: MlflowClient, tmp_path: Path, accuracy: float, data: str = DATA) -> str:
+    source = tmp_path / f"m{accuracy}"
+    source.mkdir(exist_ok=True)
+    tags = {"metric.accuracy": str(accuracy), "data_fingerprint": data}
+    return str(client.create_model_version(NAME, source=str(source), tags=tags).version)
+
+
+def _registry(threshold: float = 0.7) -> RegistryConfig:
+    return RegistryConfig(model_name=NAME, champion_metric="accuracy", champion_threshold=threshold)
+
+
+def test_gate_threshold_then_comparison_with_the_champion(client, tmp_path) -> None:
+    assert not gate(client, _registry(), {"accuracy": 0.6}, DATA).promote  # below the threshold
+    first = gate(client, _registry(), {"accuracy": 0.8}, DATA)
+    assert first.promote and "no champion yet" in first.reason
+    client.set_registered_model_alias(NAME, CHAMPION, _version(client, tmp_path, 0.8))
+    worse = gate(client, _registry(), {"accuracy": 0.75}, DATA)
+    assert not worse.promote and worse.champion_value == 0.8 and "worse than champion v1" in worse.reason
+    assert gate(client, _registry(), {"accuracy": 0.8}, DATA).promote  # no worse is enough
+    other_data = gate(client, _registry(), {"accuracy": 0.99}, "other-data")
+    assert not other_data.promote and "other data" in other_data.reason
+
+
+@pytest.mark.parametrize("finish_order", [("better", "worse"), ("worse", "better")])
+def test_concurrent_promotions_leave_the_better_one_champion(client, tmp_path, finish_order) -> None:
+    client.set_registered_model_alias(NAME, CHAMPION, _version(client, tmp_path, 0.8))  # v1
+    versions = {"worse": (_version(client, tmp_path, 0.85), 0.85), "better": (_version(client, tmp_path, 0.9), 0.9)}
+    registry = _registry()
+    # both judged against v1 before either moved the alias: both passed
+    decisions = {k: GateDecision(True, "race", value, "1", 0.8) for k, (_, value) in versions.items()}
+    for key, (version, _) in versions.items():
+        for tag, value in decisions[key].tags(registry).items():
+            client.set_model_version_tag(NAME, version, tag, value)
+    for key in finish_order:  # each writes its alias, then settles
+        client.set_registered_model_alias(NAME, CHAMPION, versions[key][0])
+        _settle_champion(client, registry, decisions[key])
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == versions["better"][0]
