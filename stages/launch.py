@@ -5,9 +5,10 @@
 Two traps of accelerate 1.x on CPU handled here: `--cpu --num_processes 2` (and a config file with
 distributed_type MULTI_CPU or use_cpu: true) silently starts ranks that each see world size 1. Real DDP over
 gloo needs the multi-GPU launcher with ACCELERATE_USE_CPU=true in the environment.
-FSDP on CPU: Accelerate's FSDP plugin would silently become DDP, so the launcher starts plain gloo ranks (the
-same multi-GPU launcher) and trainer_core shards with FSDP2 itself, told by RunSpec.distributed
-(`distributed_spec`). Several machines on CPU: one `accelerate launch` per machine, machine_rank 0..N-1, all
+FSDP: Accelerate's FSDP plugin would silently become DDP on CPU, and its FSDP2 cannot prepare a model without
+its optimizer (which the Trainer needs), so the launcher starts plain ranks (the multi-GPU launcher; gloo on CPU,
+nccl on GPU) and trainer_core shards with FSDP2 itself, told by RunSpec.distributed (`distributed_spec`); the
+YAML keeps fsdp_config as a record of the request. Several machines on CPU: one `accelerate launch` per machine, machine_rank 0..N-1, all
 pointing at main_process_ip:main_process_port (static rendezvous), e.g. two on 127.0.0.1 to try it.
 """
 
@@ -34,9 +35,10 @@ def free_port() -> int:
 def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> dict[str, Any]:
     """The accelerate launch YAML for this hardware (written next to the run for reproduction)."""
     distributed = hardware.distributed_type
-    if hardware.use_cpu and distributed in ("MULTI_CPU", "FSDP"):
-        # with ACCELERATE_USE_CPU=true: the only way to get real gloo ranks (FSDP: trainer_core shards itself)
-        distributed = "MULTI_GPU"
+    if hardware.use_cpu and distributed == "MULTI_CPU":
+        distributed = "MULTI_GPU"  # with ACCELERATE_USE_CPU=true: the only way to get real gloo ranks
+    if distributed == "FSDP" and hardware.num_processes > 1:
+        distributed = "MULTI_GPU"  # plain ranks: trainer_core.distributed applies FSDP2 (see the docstring)
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed,
@@ -55,7 +57,7 @@ def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> 
         config["main_process_port"] = hardware.main_process_port or free_port()
     if hardware.gpu_ids is not None:
         config["gpu_ids"] = hardware.gpu_ids
-    if distributed == "FSDP":
+    if hardware.distributed_type == "FSDP":
         config["fsdp_config"] = dict(hardware.fsdp_config)
     if distributed == "DEEPSPEED":
         config["deepspeed_config"] = dict(hardware.deepspeed_config)

@@ -1,8 +1,10 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) where Accelerate will not shard: CPU processes over gloo.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) done by trainer_core, on CPU (gloo) and GPU (nccl) alike.
 
-Accelerate 1.x silently replaces its FSDP plugin by plain DDP on CPU. When the run spec asks for FSDP
-(`RunSpec.distributed = {"distributed_type": "FSDP", "fsdp_config": {...}}`) and Accelerate is not sharding
-itself, the Trainer calls `shard_model` instead of `accelerator.prepare_model`: every layer class named in the
+Accelerate 1.x silently replaces its FSDP plugin by plain DDP on CPU, and its FSDP2 refuses
+`accelerator.prepare_model` alone (the Trainer prepares model and optimizer separately). So the launcher starts
+plain ranks, and when the run spec asks for FSDP (`RunSpec.distributed = {"distributed_type": "FSDP",
+"fsdp_config": {...}}`) the Trainer calls `shard_model` instead of `accelerator.prepare_model`: every layer class
+named in the
 model's `_no_split_modules` (e.g. BertEmbeddings, BertLayer) becomes its own FSDP unit, then the root. Each
 rank then holds about 1/world of every parameter and optimizer state (DTensors sharded on dim 0).
 
@@ -55,21 +57,34 @@ def _wrap_classes(model: torch.nn.Module, fsdp_config: dict[str, Any]) -> set[st
 
 
 def shard_model(model: torch.nn.Module, fsdp_config: dict[str, Any] | None = None,
-                device: torch.device | str = "cpu") -> torch.nn.Module:
-    """fully_shard each `_no_split_modules` layer, then the root, over a 1-D mesh of all ranks."""
+                device: torch.device | str = "cpu", mixed_precision: str = "no") -> torch.nn.Module:
+    """fully_shard each `_no_split_modules` layer, then the root, over a 1-D mesh of all ranks.
+
+    bf16: parameters are all-gathered and computed in bf16, gradients reduced and stored in fp32 (the sharded
+    master weights and the optimizer stay fp32), the root's outputs come back in fp32 for the loss.
+    fsdp_offload_params: sharded parameters, gradients and optimizer step live on the CPU."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     fsdp_config = dict(fsdp_config or {})
     device = torch.device(device)
-    model.to(device)
+    offload = bool(fsdp_config.get("fsdp_offload_params", False))
+    if not offload:
+        model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    reshard = bool(fsdp_config.get("fsdp_reshard_after_forward", True))
+    param_dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
+    if mixed_precision == "fp16":
+        raise ValueError("FSDP here supports mixed_precision no or bf16 (fp16 would need a sharded grad scaler).")
+    kwargs: dict[str, Any] = {"reshard_after_forward": bool(fsdp_config.get("fsdp_reshard_after_forward", True))}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     classes = _wrap_classes(model, fsdp_config)
     units = [m for m in model.modules() if type(m).__name__ in classes and m is not model]
     for module in units:
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype, torch.float32), **kwargs)
+    # output_dtype on the root only: an inner unit casting back to fp32 would feed fp32 into bf16 layers
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype, torch.float32, torch.float32),
+                **kwargs)
     local, total = parameter_counts(model)
     logger.info("FSDP2 over %d ranks: %d units (%s) + root; this rank holds %d of %d parameters",
                 dist.get_world_size(), len(units), ", ".join(sorted(classes)), local, total)

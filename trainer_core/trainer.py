@@ -300,7 +300,8 @@ class Trainer:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._fsdp2:  # before the optimizer: fully_shard replaces the parameters by DTensor shards
-            self.model = dist_utils.shard_model(self.model, self.distributed.get("fsdp_config"), acc.device)
+            self.model = dist_utils.shard_model(self.model, self.distributed.get("fsdp_config"), acc.device,
+                                                args.mixed_precision)
         optimizer = self._setup_optimizer(self.model)
         # prepare the model and optimizer only: the train dataloader is already sharded by the plan (prepare
         # would split it again), and a prepared scheduler steps once per process per optimizer step
