@@ -1,10 +1,12 @@
 """hardware=ddp_2cpu ≡ hardware=cpu with the same global batch, and two "machines" on one host ≡ one process.
 
-Tolerance: atol 1e-5 on every logged value (train loss, grad norm, eval metrics) and on every final weight.
-The runs see the same global micro-batches and the loss is normalised by the items of the whole window on all
-ranks, so they compute the same gradient; only the float32 summation order differs (each rank sums its half,
-the gloo all-reduce adds the halves), which moves the 6-step results by ~1e-7 here. 1e-5 is two orders above
-that and far below any real divergence (a wrong loss scale or a duplicated sample moves the loss by >1e-3).
+Tolerance: atol 1e-5 on every logged value (train loss, grad norm, eval metrics), atol 5e-5 on every final
+weight. The runs see the same global micro-batches and the loss is normalised by the items of the whole window
+on all ranks, so they compute the same gradient; only the float32 summation order differs (each rank sums its
+half, the gloo all-reduce / reduce-scatter adds the halves). Measured over the 6 steps: losses differ by ~1e-7,
+weights by up to ~3e-6 (AdamW's normalised update m/sqrt(v) magnifies rounding in near-zero gradients). The
+bounds leave >10x headroom and stay far below a real divergence (a wrong loss scale or a duplicated sample moves
+the loss by >1e-3).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.distributed.helpers import launch, make_spec, metrics, read_records
 
 pytestmark = pytest.mark.integration
 ATOL = 1e-5
+WEIGHT_ATOL = 5e-5
 
 
 def assert_same_run(got_spec, ref_spec, steps=None):
@@ -38,7 +41,7 @@ def assert_same_run(got_spec, ref_spec, steps=None):
     w_ref = load_file(str(Path(ref_spec.output_dir) / "final" / "model.safetensors"))
     assert w_got.keys() == w_ref.keys()
     for name, value in w_ref.items():
-        torch.testing.assert_close(w_got[name], value, atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(w_got[name], value, atol=WEIGHT_ATOL, rtol=0, msg=name)
 
 
 def per_micro_batch(records):

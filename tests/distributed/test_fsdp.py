@@ -55,8 +55,8 @@ def test_fsdp_on_cpu_shards_the_parameters_and_trains_like_ddp(fsdp_run, referen
     for r in params:
         assert abs(r["local"] - total / 2) <= 0.02 * total, (r, total)
 
-    # it trains: the loss goes down, and it computes what DDP computes on the same 2 ranks (atol 1e-5: only the
-    # reduction order differs, reduce-scatter + all-gather instead of all-reduce; see test_equivalence)
+    # it trains: the loss goes down, and it computes what DDP computes on the same 2 ranks (tolerances of
+    # test_equivalence: only the reduction order differs, reduce-scatter + all-gather instead of all-reduce)
     losses = [r["metrics"]["loss"] for r in metrics(spec) if "loss" in r["metrics"]]
     assert losses[-1] < losses[0]
     assert_same_run(spec, reference_runs[2][0])
