@@ -485,6 +485,8 @@ class Trainer:
         grad_norm, local_loss = 0.0, torch.zeros((), device=acc.device)
         for i, ((_, batch), weight) in enumerate(zip(window, weights, strict=True)):
             model.train()
+            if self._fsdp2:  # Accelerate's no_sync does not know our FSDP2: reduce-scatter once per window
+                model.set_requires_gradient_sync(i + 1 == len(window))
             with acc.accumulate(model):
                 loss_sum = self._loss_sum(model, batch) * weight
                 # DDP averages gradients over ranks and accelerator.backward divides by the accumulation
