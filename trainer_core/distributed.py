@@ -85,10 +85,28 @@ def shard_model(model: torch.nn.Module, fsdp_config: dict[str, Any] | None = Non
     # output_dtype on the root only: an inner unit casting back to fp32 would feed fp32 into bf16 layers
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype, torch.float32, torch.float32),
                 **kwargs)
+    model.register_load_state_dict_pre_hook(_accept_full_tensors)
     local, total = parameter_counts(model)
     logger.info("FSDP2 over %d ranks: %d units (%s) + root; this rank holds %d of %d parameters",
                 dist.get_world_size(), len(units), ", ".join(sorted(classes)), local, total)
     return model
+
+
+def _accept_full_tensors(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of the sharded root: a full, plain tensor for a sharded parameter (a warm start or
+    a best-model load from model.safetensors) is cut to this rank's piece, so plain loaders keep working."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    own = module.state_dict()
+    for key, value in list(state_dict.items()):
+        target = own.get(key[len(prefix):])
+        if isinstance(target, DTensor) and not isinstance(value, DTensor) and value.shape == target.shape:
+            shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+            piece = value[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+            state_dict[key] = DTensor.from_local(piece.to(target.device, target.dtype).contiguous(),
+                                                 target.device_mesh, target.placements, run_check=False,
+                                                 shape=target.shape, stride=target.stride())
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
