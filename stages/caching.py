@@ -76,7 +76,10 @@ def code_files(*modules: str) -> tuple[Path, ...]:
     return tuple(sorted(seen))
 
 
+@functools.cache
 def code_version(*modules: str) -> str:
+    """Hash of the code, once per process: a process runs what it imported, so a Prefect retry keys (and
+    resumes) the same run folder even if the files on disk were edited meanwhile."""
     digest = hashlib.sha256()
     for file in code_files(*modules):
         digest.update(str(file.relative_to(REPO)).encode())
