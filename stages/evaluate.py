@@ -6,7 +6,7 @@ from prefect import task
 
 from flows.config import PathsConfig
 from stages.caching import begin_stage, cache_key_fn, stage_logger
-from stages.inference import inference_trainer
+from stages.inference import by_length, inference_trainer
 from stages.refs import DatasetRef, MetricsRef, ModelRef, file_sha256, write_json_atomic
 
 NAME = "evaluate"
@@ -22,7 +22,8 @@ def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig) -> MetricsRe
     out = begin_stage(NAME, {"model": model, "data": data, "paths": paths}, CODE)
     trainer = inference_trainer(model, data, out)
     try:
-        raw = trainer.evaluate(datasets.load_from_disk(data.dataset_dir)[SPLIT], metric_key_prefix="eval")
+        validation, _ = by_length(datasets.load_from_disk(data.dataset_dir)[SPLIT])  # metrics ignore row order
+        raw = trainer.evaluate(validation, metric_key_prefix="eval")
     finally:
         trainer.cleanup()
     metrics = {key.removeprefix("eval_"): float(value) for key, value in raw.items()}

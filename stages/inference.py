@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stages.refs import DatasetRef, ModelRef
 from trainer_core.spec import RunSpec
 
@@ -19,3 +21,9 @@ def inference_trainer(model: ModelRef, data: DatasetRef, out_dir: Path) -> Any:
         output_dir=str(out_dir),
     )
     return build_trainer(spec, model_dir=model.path, with_train=False)
+
+
+def by_length(dataset: Any) -> tuple[Any, np.ndarray]:
+    """The rows sorted by length (far less padding per batch) and the permutation that restores their order."""
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+    return dataset.select(order), np.argsort(order)

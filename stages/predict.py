@@ -11,7 +11,7 @@ from prefect import task
 
 from flows.config import PathsConfig
 from stages.caching import begin_stage, cache_key_fn, stage_logger
-from stages.inference import inference_trainer
+from stages.inference import by_length, inference_trainer
 from stages.refs import DatasetRef, ModelRef, PredictionsRef, file_sha256
 
 NAME = "predict"
@@ -26,11 +26,11 @@ def predict(model: ModelRef, data: DatasetRef, scored: bool, paths: PathsConfig)
 
     out = begin_stage(NAME, {"model": model, "data": data, "scored": scored, "paths": paths}, CODE)
     test = datasets.load_from_disk(data.dataset_dir)[SPLIT]
-    inputs = test if scored else test.remove_columns("labels")
+    inputs, restore = by_length(test if scored else test.remove_columns("labels"))
     trainer = inference_trainer(model, data, out)
     try:
         output = trainer.predict(inputs, metric_key_prefix="test")
-        decoded = trainer.task.postprocess(output.predictions, trainer.task_spec)
+        decoded = trainer.task.postprocess(output.predictions[restore], trainer.task_spec)
     finally:
         trainer.cleanup()
     names = data.label_names

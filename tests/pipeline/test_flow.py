@@ -68,6 +68,10 @@ def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
     assert artifacts == ["predictions/predictions.jsonl"]
     rows = [json.loads(line) for line in Path(rep["predictions"]).read_text().splitlines()]
     assert len(rows) == 128 and {r["label"] for r in rows} <= {"rotten", "fresh"}
+    assert [r["row_id"] for r in rows] == list(range(128))  # in the test split's order
+    # each prediction sits on its own row: the file's accuracy is the reported one
+    file_accuracy = sum(r["label_id"] == r["true_label"] for r in rows) / len(rows)
+    assert file_accuracy == pytest.approx(rep["metrics"]["test_accuracy"])
 
     version = client.get_model_version_by_alias(rep["model_name"], "candidate")
     assert str(version.version) == rep["model_version"] == "1"
