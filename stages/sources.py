@@ -60,6 +60,8 @@ def _load_hf(task: TaskConfig, cache_dir: Path):
     import datasets
 
     source = task.dataset_path or task.dataset
+    # bars on stderr would bury the one-line error of a refused run (the env switch only works before import)
+    datasets.disable_progress_bars()
     try:
         raw = datasets.load_dataset(source, task.subset, revision=task.revision, cache_dir=str(cache_dir))
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
