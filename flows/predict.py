@@ -27,7 +27,7 @@ import time
 import warnings
 from pathlib import Path
 
-from flows.registry import RegistryError, connect, get_version, parse_model_uri, resolve_tracking_uri
+from flows.registry import RegistryError, connect, error_line, get_version, parse_model_uri, resolve_tracking_uri
 
 FORMATS = (".jsonl", ".csv")
 DEFAULTS = {"batch_size": "256", "log_every": "1000", "tracking_uri": None, "root": None}
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - one line for the user; the model's own errors say what is wrong
-        message = getattr(exc, "message", None) or str(exc)
-        print(f"error: {type(exc).__name__}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
     return 0
 

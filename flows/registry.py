@@ -39,6 +39,12 @@ class RegistryError(Exception):
     """Bad input or an unreachable registry: one line for the user, no traceback."""
 
 
+def error_line(exc: Exception) -> str:
+    """One line for the user from any exception (MLflow's carry the useful text in .message)."""
+    message = getattr(exc, "message", None) or str(exc)
+    return f"error: {type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 def _quiet_http() -> None:
     # before mlflow is imported: a registry that does not answer must fail in seconds, not retry for minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -280,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a server error mid-command: one line, not a traceback
-        message = getattr(exc, "message", None) or str(exc)
-        print(f"error: {type(exc).__name__}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
     return 0
 
