@@ -8,7 +8,9 @@ gloo needs the multi-GPU launcher with ACCELERATE_USE_CPU=true in the environmen
 FSDP: Accelerate's FSDP plugin would silently become DDP on CPU, and its FSDP2 cannot prepare a model without
 its optimizer (which the Trainer needs), so the launcher starts plain ranks (the multi-GPU launcher; gloo on CPU,
 nccl on GPU) and trainer_core shards with FSDP2 itself, told by RunSpec.distributed (`distributed_spec`); the
-YAML keeps fsdp_config as a record of the request. Several machines on CPU: one `accelerate launch` per machine, machine_rank 0..N-1, all
+YAML keeps fsdp_config as a record of the request. DeepSpeed: Accelerate's own DeepSpeed launcher and plugin; on
+CPU without `use_cpu` (which would switch DeepSpeed off), the ranks join gloo themselves (trainer_core.zero).
+Several machines on CPU: one `accelerate launch` per machine, machine_rank 0..N-1, all
 pointing at main_process_ip:main_process_port (static rendezvous), e.g. two on 127.0.0.1 to try it.
 """
 
@@ -39,6 +41,7 @@ def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> 
         distributed = "MULTI_GPU"  # with ACCELERATE_USE_CPU=true: the only way to get real gloo ranks
     if distributed == "FSDP" and hardware.num_processes > 1:
         distributed = "MULTI_GPU"  # plain ranks: trainer_core.distributed applies FSDP2 (see the docstring)
+    deepspeed = distributed == "DEEPSPEED"
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed,
@@ -46,7 +49,8 @@ def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> 
         "num_machines": hardware.num_machines,
         "machine_rank": hardware.machine_rank,
         "mixed_precision": mixed_precision,
-        "use_cpu": hardware.use_cpu,
+        # DeepSpeed on CPU: Accelerate's use_cpu would switch DeepSpeed off; the ranks join a gloo group instead
+        "use_cpu": hardware.use_cpu and not deepspeed,
         "rdzv_backend": hardware.rdzv_backend,
         "same_network": hardware.num_machines == 1,
         "main_training_function": "main",
@@ -59,7 +63,7 @@ def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> 
         config["gpu_ids"] = hardware.gpu_ids
     if hardware.distributed_type == "FSDP":
         config["fsdp_config"] = dict(hardware.fsdp_config)
-    if distributed == "DEEPSPEED":
+    if deepspeed:
         config["deepspeed_config"] = dict(hardware.deepspeed_config)
     return config
 
@@ -118,7 +122,8 @@ def launch_command(hardware: HardwareConfig, config_file: Path, program: list[st
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ)
     if hardware.use_cpu:
-        env["ACCELERATE_USE_CPU"] = "true"
+        if hardware.distributed_type != "DEEPSPEED":  # DeepSpeed's ranks find the CPU themselves (trainer_core.zero)
+            env["ACCELERATE_USE_CPU"] = "true"
         local = max(hardware.num_processes // max(hardware.num_machines, 1), 1)
         threads = hardware.threads_per_process or max((os.cpu_count() or 1) // local, 1)
         env["OMP_NUM_THREADS"] = str(threads)

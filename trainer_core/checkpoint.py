@@ -6,6 +6,8 @@
         scheduler.pt            scheduler state dict   (torch.load(weights_only=True))
         scaler.pt               fp16 grad scaler, when there is one
         rng_state_<rank>.json   python / numpy / torch / cuda RNG of each rank
+        (FSDP: model_shard_<rank> / optimizer_shard_<rank>.safetensors instead of model + optimizer;
+         DeepSpeed: its *_model_states.pt / zero_pp_rank_<rank>_*_optim_states.pt instead of optimizer.pt)
         trainer_state.json      TrainerState: step (= data cursor), epoch, best metric, callback states
         manifest.json           sha256 + size of every file, config_hash and the components it hashes
                                 (model, task, num_labels, data fingerprint...), mlflow_run_id, global_step
@@ -37,7 +39,9 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _SAFE_FILES = re.compile(
     r"^(model\.safetensors|optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.json|rng_state_\d+\.json|manifest\.json"
-    r"|model_shard_\d+\.safetensors|optimizer_shard_\d+\.safetensors)$"  # FSDP2 shards: trainer_core.distributed
+    r"|model_shard_\d+\.safetensors|optimizer_shard_\d+\.safetensors"  # FSDP2 shards: trainer_core.distributed
+    # DeepSpeed ZeRO partitions, read with torch.load(weights_only=True): trainer_core.zero
+    r"|(?:(?:bf16_)?zero_pp_rank_\d+_)?mp_rank_\d+_(?:model|optim)_states\.pt)$"
 )
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 

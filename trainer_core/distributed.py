@@ -110,9 +110,15 @@ def _accept_full_tensors(module, state_dict, prefix, *args) -> None:
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(numel held by this rank, numel of the whole model): DTensor params count their local shard."""
+    """(numel held by this rank, numel of the whole model): DTensor params count their local shard, ZeRO-3
+    parameters their partition."""
     from torch.distributed.tensor import DTensor
 
+    from trainer_core.zero import local_parameter_counts
+
+    partitioned = local_parameter_counts(model)
+    if partitioned is not None:
+        return partitioned
     local = total = 0
     for p in model.parameters():
         total += p.numel()

@@ -37,6 +37,7 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     from accelerate.utils import parse_flag_from_env
     from transformers import set_seed
 
+    from trainer_core import zero
     from trainer_core.data import BatchPlan
     from trainer_core.tasks import get_task
     from trainer_core.trainer import Trainer
@@ -44,7 +45,7 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     task = get_task(spec.task.family)
     # cpu= as Accelerator itself reads it: a bare PartialState() does not join the gloo group on CPU, and the
     # Accelerator built later would inherit that single-process state
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(**zero.process_group_kwargs(parse_flag_from_env("ACCELERATE_USE_CPU")))
     # the main process first: a first read may write cache/index files that the others then reuse
     with state.main_process_first():
         splits = datasets.load_from_disk(spec.dataset_dir)
@@ -53,6 +54,9 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     tokenizer = _load_tokenizer(spec.tokenizer_dir)
     # same seed on every rank: the same initial weights everywhere, before DDP even broadcasts them
     set_seed(spec.args.seed)
+    # the Accelerator before the model: under DeepSpeed ZeRO-3 with zero3_init_flag, transformers then builds the
+    # model already partitioned over the ranks (no full copy per rank)
+    accelerator = Trainer.make_accelerator(spec.args) if with_train and model_dir is None else None
     if model_dir is not None:
         from dataclasses import replace
 
@@ -73,7 +77,7 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
         model, args, train_dataset=train, eval_dataset=evaluation, batch_plan=plan, output_dir=spec.output_dir,
         task=task, task_spec=spec.task, tokenizer=tokenizer, config_hash=spec.config_hash,
         config_components=spec.config_components,
-        mlflow_run_id=spec.mlflow_run_id, distributed=spec.distributed,
+        mlflow_run_id=spec.mlflow_run_id, distributed=spec.distributed, accelerator=accelerator,
     )
 
 

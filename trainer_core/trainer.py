@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from trainer_core import checkpoint as ckpt
 from trainer_core import distributed as dist_utils
+from trainer_core import zero
 from trainer_core.args import TrainingArguments
 from trainer_core.callbacks import (
     CallbackHandler,
@@ -48,6 +50,19 @@ from trainer_core.data import BatchPlan, PlanBatchSampler, build_batch_plan
 from trainer_core.spec import TaskSpec
 
 logger = logging.getLogger("trainer_core")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (a handler made once per process would otherwise keep
+    writing to the stream of the moment it was made, e.g. a redirection long gone)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 FINAL = "final"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
@@ -135,6 +150,7 @@ class Trainer:
         mlflow_run_id: str | None = None,
         config_components: dict[str, Any] | None = None,
         distributed: dict[str, Any] | None = None,
+        accelerator: Accelerator | None = None,
     ):
         from trainer_core.tasks import get_task
 
@@ -163,7 +179,8 @@ class Trainer:
         if errors:
             raise ValueError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
 
-        self.accelerator = self._make_accelerator(args)
+        # built before the model by trainer_core.run: DeepSpeed ZeRO-3's zero3_init_flag partitions at construction
+        self.accelerator = accelerator or self.make_accelerator(args)
         if self.accelerator.num_processes != world_size:
             raise ValueError(
                 f"Launched as {world_size} processes (WORLD_SIZE) but Accelerate set up {self.accelerator.num_processes}:"
@@ -175,6 +192,8 @@ class Trainer:
         # is done here with FSDP2 (trainer_core.distributed), checkpoints then hold one shard per rank
         self.distributed = dict(distributed or {})
         self._fsdp2 = dist_utils.needs_manual_fsdp(self.distributed, self.accelerator)
+        # DeepSpeed ZeRO (accelerate launch of a DEEPSPEED config): one engine for model + optimizer
+        self._deepspeed = zero.active(self.accelerator)
         self.model = model
         self.data_collator = data_collator or self.task.data_collator(tokenizer)
         self.compute_metrics = compute_metrics
@@ -246,10 +265,14 @@ class Trainer:
         return errors
 
     @staticmethod
-    def _make_accelerator(args: TrainingArguments) -> Accelerator:
+    def make_accelerator(args: TrainingArguments) -> Accelerator:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if "backend" in zero.process_group_kwargs(False) else []
         try:
             return Accelerator(
-                gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
+                gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+                kwargs_handlers=handlers,
             )
         except ValueError as err:
             # Accelerate's state is process-wide: a stage that scores two models with different precisions in
@@ -277,7 +300,7 @@ class Trainer:
         if level_name != "passive":
             logger.setLevel(_LEVELS[level_name])
         if not any(getattr(h, "_trainer_core", False) for h in logger.handlers):
-            handler = logging.StreamHandler()
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter(
                 f"%(asctime)s [rank {acc.process_index}] %(levelname)s %(name)s: %(message)s"
             ))
@@ -305,10 +328,14 @@ class Trainer:
         optimizer = self._setup_optimizer(self.model)
         # prepare the model and optimizer only: the train dataloader is already sharded by the plan (prepare
         # would split it again), and a prepared scheduler steps once per process per optimizer step
-        if not self._fsdp2:
-            self.model = acc.prepare_model(self.model)
-        self.optimizer = acc.prepare_optimizer(optimizer)
-        self.lr_scheduler = self._setup_scheduler(self.optimizer.optimizer, self.plan.num_steps)
+        if self._deepspeed:  # one DeepSpeedEngine for both, configured from these arguments
+            zero.configure(acc, args)
+            self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        else:
+            if not self._fsdp2:
+                self.model = acc.prepare_model(self.model)
+            self.optimizer = acc.prepare_optimizer(optimizer)
+        self.lr_scheduler = self._setup_scheduler(zero.torch_optimizer(self.optimizer), self.plan.num_steps)
         resume = self._resolve_resume()
         if resume is not None:
             self.load_checkpoint(resume)
@@ -460,6 +487,8 @@ class Trainer:
                         args.best_metric_key(), state.best_metric)
             if self._fsdp2:
                 dist_utils.load_sharded(model, None, state.best_model_checkpoint)
+            elif self._deepspeed:  # the partitioned weights (ZeRO-3) come back through the engine
+                zero.load(model, state.best_model_checkpoint)
             else:
                 ckpt.load_weights(acc.unwrap_model(model), Path(state.best_model_checkpoint) / "model.safetensors")
         steps_done = max(state.global_step, 1)
@@ -490,8 +519,10 @@ class Trainer:
             with acc.accumulate(model):
                 loss_sum = self._loss_sum(model, batch) * weight
                 # DDP averages gradients over ranks and accelerator.backward divides by the accumulation
-                # steps: undo both, so the gradient is d(sum of losses)/d(theta) / (items in the window)
-                loss = loss_sum * acc.num_processes * len(window) / total_items
+                # steps: undo both, so the gradient is d(sum of losses)/d(theta) / (items in the window).
+                # DeepSpeed divides by its configured accumulation steps, also in an epoch's short last window.
+                steps = self.model.gradient_accumulation_steps() if self._deepspeed else len(window)
+                loss = loss_sum * acc.num_processes * steps / total_items
                 acc.backward(loss)
                 local_loss += loss_sum.detach() / total_items
                 if acc.sync_gradients:
@@ -632,6 +663,8 @@ class Trainer:
             state_dict = None
         else:
             state_dict = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed: every rank calls it
+        if self._deepspeed:  # each rank its optimizer partition (ZeRO-3: and its parameters)
+            zero.save(self.model, tmp)
         if state.best_global_step == state.global_step:
             state.best_model_checkpoint = str(final)
         state.stateful_callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callback_handler.stateful()}
@@ -640,6 +673,7 @@ class Trainer:
         if acc.is_main_process:
             if state_dict is not None:
                 ckpt.save_weights(state_dict, tmp / "model.safetensors")
+            if state_dict is not None and not self._deepspeed:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
@@ -661,12 +695,19 @@ class Trainer:
         ckpt.check_loadable(path, self.config_hash, self.config_components)
         self._check_same_length(path)
         logger.info("Resuming from checkpoint %s", path)
-        sharded = (path / dist_utils.MODEL_SHARD.format(rank=0)).exists()
-        if sharded != self._fsdp2:
-            raise ValueError(f"{path} is {'a sharded (FSDP)' if sharded else 'an unsharded'} checkpoint but this run "
-                             f"is {'FSDP' if self._fsdp2 else 'not FSDP'}: resume it with the hardware that wrote it.")
-        if self._fsdp2:  # any world size: each rank reads the pieces of the shards it now holds
-            dist_utils.load_sharded(self.model, self.optimizer.optimizer, path)
+        kind = "FSDP" if (path / dist_utils.MODEL_SHARD.format(rank=0)).exists() else \
+            "DeepSpeed" if zero.is_checkpoint(path) else "DDP / single-process"
+        ours = "FSDP" if self._fsdp2 else "DeepSpeed" if self._deepspeed else "DDP / single-process"
+        # shards are read back by any layout: FSDP on any number of ranks, or an unsharded run (e.g. 2 GPUs -> 1)
+        unshard = kind == "FSDP" and ours == "DDP / single-process"
+        if kind != ours and not unshard:
+            raise ValueError(f"{path} is a {kind} checkpoint but this run is {ours}: resume it with the hardware "
+                             "that wrote it.")
+        if self._fsdp2 or unshard:  # each rank reads the pieces of the shards it now holds (all of them: unshard)
+            dist_utils.load_sharded(self.model if self._fsdp2 else acc.unwrap_model(self.model),
+                                    self.optimizer.optimizer, path)
+        elif self._deepspeed:
+            zero.load(self.model, path)
         else:
             ckpt.load_weights(acc.unwrap_model(self.model), path / "model.safetensors")
             # onto the CPU first: Optimizer.load_state_dict moves the state to each parameter's device
@@ -728,7 +769,10 @@ class Trainer:
             tmp = self.output_dir / f".tmp-{FINAL}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
+            # transformers 5 loads a ZeRO-3 model with its legacy renamings attached (LayerNorm.gamma -> .weight)
+            # and would "revert" them on save: DeepSpeed runs keep the names the model has
+            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict,
+                                                         save_original_format=not self._deepspeed)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             result = getattr(self, "train_output", None)

@@ -97,8 +97,8 @@ def launch(overrides: list[str], spec_path: Path, *, env: dict[str, str] | None 
     config = write_accelerate_config(hardware, spec_path.parent / f"accelerate{tag}.yaml")
     cmd, launch_env = launch_command(hardware, config, ["-m", "trainer_core.run", "--spec", str(spec_path)])
     run_env = launch_env | _env() | dict(env or {}) | {"OMP_NUM_THREADS": "1"}
-    if hardware.use_cpu:
-        run_env["ACCELERATE_USE_CPU"] = "true"
+    if "ACCELERATE_USE_CPU" in launch_env:
+        run_env["ACCELERATE_USE_CPU"] = launch_env["ACCELERATE_USE_CPU"]
     run_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TRAINER_TESTS)])
     if background:
         return subprocess.Popen(cmd, env=run_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -113,4 +113,27 @@ def hardware_of(overrides: list[str]):
 
 
 def metrics(spec) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (Path(spec.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return metrics_of(Path(spec.output_dir))
+
+
+def metrics_of(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_relaunch_equals(overrides: list[str], spec_path: Path, killed_out: Path, ref_spec) -> None:
+    """Relaunch a run killed in step 5 (what a Prefect retry does: same run folder, no kill) and check it resumed
+    from step 3 and ended bitwise equal to the uninterrupted `ref_spec`: final weights and every logged value."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert not (killed_out / "final").exists()
+    assert [p.name for p in (killed_out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
+    relaunch = launch(overrides, spec_path)
+    log = relaunch.stdout + relaunch.stderr
+    assert relaunch.returncode == 0, log[-4000:]
+    assert "Resuming from checkpoint" in log and "step-00000003" in log
+    ref = load_file(str(Path(ref_spec.output_dir) / "final" / "model.safetensors"))
+    got = load_file(str(killed_out / "final" / "model.safetensors"))
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+    assert [r["metrics"] for r in metrics_of(killed_out)] == [r["metrics"] for r in metrics(ref_spec)]

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stages.launch import distributed_spec
-from tests.distributed.helpers import hardware_of, launch, make_spec, metrics, read_records
+from tests.distributed.helpers import assert_relaunch_equals, hardware_of, launch, make_spec, metrics, read_records
 from tests.distributed.test_equivalence import assert_same_run
 from trainer_core.distributed import consolidate
 
@@ -87,20 +87,9 @@ def test_fsdp_on_cpu_shards_the_parameters_and_trains_like_ddp(fsdp_run, referen
 @pytest.mark.integration
 def test_fsdp_kill_and_resume_through_the_shards_equals_uninterrupted(fsdp_run):
     ref_spec, _, _, root = fsdp_run
-    killed_out = root / "killed" / "out"
-    assert not (killed_out / "final").exists()
-    assert [p.name for p in (killed_out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
-    # the relaunch (what a Prefect retry does): same run folder, without the kill
-    spec, path = make_spec(root, "killed", 2, distributed=distributed_spec(hardware_of(FSDP_CPU)), record=False)
-    relaunch = launch(FSDP_CPU, path)
-    log = relaunch.stdout + relaunch.stderr
-    assert relaunch.returncode == 0, log[-4000:]
-    assert "Resuming from checkpoint" in log and "step-00000003" in log
-    ref = load_file(str(Path(ref_spec.output_dir) / "final" / "model.safetensors"))
-    got = load_file(str(Path(spec.output_dir) / "final" / "model.safetensors"))
-    for name, value in ref.items():
-        assert torch.equal(got[name], value), name
-    assert [r["metrics"] for r in metrics(spec)] == [r["metrics"] for r in metrics(ref_spec)]
+    # the relaunch: same run folder, without the kill
+    _, path = make_spec(root, "killed", 2, distributed=distributed_spec(hardware_of(FSDP_CPU)), record=False)
+    assert_relaunch_equals(FSDP_CPU, path, root / "killed" / "out", ref_spec)
 
 
 @pytest.mark.gpu

@@ -54,3 +54,23 @@ def test_resume_on_another_world_size_keeps_the_global_batch(reference_runs, tmp
             seen[mb // 5] += indices
     for epoch, samples in seen.items():
         assert sorted(samples) == list(range(37)), f"epoch {epoch}: a sample seen twice or skipped"
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(reference_runs, tmp_path):
+    """2 FSDP ranks killed in step 5, relaunched as 1 plain process (a lost GPU): the shards are read whole,
+    model and optimizer, and the run goes on like the 1-process reference."""
+    from stages.launch import distributed_spec
+    from tests.distributed.helpers import hardware_of
+
+    fsdp = ["hardware=fsdp_2gpu", "hardware.use_cpu=true"]
+    _, killed_path = make_spec(tmp_path, "run", 2, distributed=distributed_spec(hardware_of(fsdp)), kill_at=4)
+    assert launch(fsdp, killed_path).returncode != 0
+    step = Path(killed_path.parent) / "out" / "checkpoints" / f"step-{CHECKPOINT:08d}"
+    assert (step / "optimizer_shard_1.safetensors").exists() and not (step / "optimizer.pt").exists()
+    spec, path = make_spec(tmp_path, "run", 1)
+    relaunch = launch(HARDWARE[1], path)
+    log = relaunch.stdout + relaunch.stderr
+    assert relaunch.returncode == 0, log[-4000:]
+    assert f"Resuming from checkpoint {step}" in log and "was written by 2 rank(s), this run has 1" in log
+    assert_same_run(spec, reference_runs[2][0], steps={1, 2, 3})  # FSDP ≡ DDP (test_fsdp)
+    assert_same_run(spec, reference_runs[1][0], steps={4, 5, 6})

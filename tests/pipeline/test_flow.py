@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.pipeline.helpers import FAST, report, run_cli, write_glue_folder
@@ -143,13 +144,19 @@ def test_glue_from_a_local_folder_laid_out_like_the_hub(tmp_path, glue, prefect_
     assert len(rows) == 96 and all(set(columns) <= set(r) and "true_label" not in r for r in rows)
 
 
-def test_ddp_2cpu_really_runs_two_ranks(tmp_path, prefect_server) -> None:
+@pytest.mark.parametrize(("hardware", "launched_as"), [
+    (["hardware=ddp_2cpu"], "MULTI_GPU"),  # gloo ranks (stages/launch.py)
+    (["hardware=deepspeed_zero2", "hardware.use_cpu=true"], "DEEPSPEED"),  # ZeRO-2 in bf16 on CPU processes
+])
+def test_two_rank_hardware_really_runs_two_ranks(tmp_path, prefect_server, hardware, launched_as) -> None:
     done = run_cli(
-        [*FAST, "hardware=ddp_2cpu", "trainer.per_device_train_batch_size=8", "trainer.log_level_replica=info",
+        [*FAST, *hardware, "trainer.per_device_train_batch_size=8", "trainer.log_level_replica=info",
          f"paths.root={tmp_path}"],
         env={"PREFECT_API_URL": prefect_server.url},
     )
     _ok(done)
+    [launch_file] = tmp_path.rglob("accelerate.yaml")
+    assert yaml.safe_load(launch_file.read_text())["distributed_type"] == launched_as
     output = done.stdout + done.stderr
     for rank in (0, 1):
         assert f"rank {rank}/2: world_size=2" in output
