@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.distributed.helpers import assert_relaunch_equals, launch, make_spec, read_records
+from tests.distributed.helpers import assert_relaunch_equals, launch, make_spec, metrics, read_records
 from tests.distributed.test_equivalence import assert_same_run
 from trainer_core import checkpoint as ckpt
 from trainer_core import zero
@@ -48,7 +48,8 @@ def _spec_from(pretrained: Path, root: Path, name: str, **changes):
 
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory, reference_runs):
-    """ZeRO-2 and ZeRO-3 runs, and (alongside, to save wall time) a ZeRO-2 run killed in step 5."""
+    """ZeRO-2 and ZeRO-3 runs, and alongside them (to save wall time) a ZeRO-2 run killed in step 5 and a ZeRO-3
+    run that loads its best checkpoint at the end."""
     from transformers import set_seed
 
     from trainer_core.tasks import get_task
@@ -59,11 +60,15 @@ def deepspeed_runs(tmp_path_factory, reference_runs):
     get_task(ref_spec.task.family).build_model(ref_spec.model, ref_spec.task).save_pretrained(root / "init")
     runs = {"zero2": _spec_from(root / "init", root, "zero2"), "zero3": _spec_from(root / "init", root, "zero3")}
     _, killed_path = _spec_from(root / "init", root, "killed", record=False, kill_at=4)
+    # "best" = the higher eval loss, i.e. step 3's checkpoint (6 steps, evaluated and saved at 3 and 6)
+    runs["best"] = _spec_from(root / "init", root, "best", record=False, load_best_model_at_end=True,
+                              metric_for_best_model="loss", greater_is_better=True)
     procs = {"zero2": launch(ZERO2, runs["zero2"][1], background=True),
              "zero3": launch(ZERO3, runs["zero3"][1], background=True),
-             "killed": launch(ZERO2, killed_path, background=True)}
+             "killed": launch(ZERO2, killed_path, background=True),
+             "best": launch(ZERO3, runs["best"][1], background=True)}
     logs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
-    for name in ("zero2", "zero3"):
+    for name in ("zero2", "zero3", "best"):
         assert procs[name].returncode == 0, logs[name][-4000:]
     assert procs["killed"].returncode not in (0, None), logs["killed"][-4000:]
     return runs, logs, root
@@ -133,3 +138,19 @@ def test_deepspeed_files_load_weights_only(tmp_path):
         zero.safe_load(bad)
     assert zero.saved_world_size(tmp_path) == 2
 
+
+@pytest.mark.integration
+def test_deepspeed_zero3_loads_the_best_checkpoint_at_the_end(deepspeed_runs):
+    """Under ZeRO-3 the weights are partitioned: the best checkpoint comes back through the engine, and final/
+    is that checkpoint's model, not the last step's."""
+    runs, logs, _ = deepspeed_runs
+    spec, _ = runs["best"]
+    evals = {r["step"]: r["metrics"]["eval_loss"] for r in metrics(spec) if "eval_loss" in r["metrics"]}
+    assert evals[3] > evals[6]  # so the best (greater_is_better) is step 3, not the last
+    out = Path(spec.output_dir)
+    assert "Loading best model from" in logs["best"] and "step-00000003" in logs["best"]
+    final = load_file(str(out / "final" / "model.safetensors"))
+    best = load_file(str(out / "checkpoints" / "step-00000003" / "model.safetensors"))
+    last = load_file(str(out / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert all(torch.equal(v, best[k]) for k, v in final.items())
+    assert not all(torch.equal(v, last[k]) for k, v in final.items())
