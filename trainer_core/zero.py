@@ -11,8 +11,8 @@ ACCELERATE_USE_DEEPSPEED and the plugin's ZeRO stage for every rank. Two things 
 
 Checkpoints are DeepSpeed's own files (`engine.save_checkpoint`: each rank writes its partition of the optimizer
 state, and under ZeRO-3 of the parameters) written flat into the step folder, beside the trainer's
-model.safetensors. DeepSpeed reads them with `torch.load(weights_only=False)`; here its checkpoint engine is
-swapped for one that loads with `weights_only=True`, allowing only DeepSpeed's three plain-data classes.
+model.safetensors. DeepSpeed itself would unpickle them in full; here its checkpoint engine is swapped for one
+that loads with `weights_only=True`, allowing only DeepSpeed's plain-data classes (loss scaler, stage, fragment).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ logger = logging.getLogger("trainer_core.zero")
 
 TAG = ""  # DeepSpeed's files go straight into the step folder (DeepSpeed would add a global_stepN/ level)
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-FILES = re.compile(r"^(?:(?:bf16_)?zero_pp_rank_\d+_)?mp_rank_\d+_(?:model|optim)_states\.pt$")
 
 
 def requested() -> bool:
