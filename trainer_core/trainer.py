@@ -268,7 +268,7 @@ class Trainer:
     def make_accelerator(args: TrainingArguments) -> Accelerator:
         from accelerate.utils import InitProcessGroupKwargs
 
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if "backend" in zero.process_group_kwargs(False) else []
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if zero.needs_gloo() else []
         try:
             return Accelerator(
                 gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,

@@ -17,15 +17,12 @@ that loads with `weights_only=True`, allowing only DeepSpeed's plain-data classe
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-
-logger = logging.getLogger("trainer_core.zero")
 
 TAG = ""  # DeepSpeed's files go straight into the step folder (DeepSpeed would add a global_stepN/ level)
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -36,14 +33,15 @@ def requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def process_group_kwargs(use_cpu: bool) -> dict[str, Any]:
-    """Keyword arguments for the first PartialState / Accelerator of a rank.
-
-    DeepSpeed without CUDA: Accelerate finds no backend for plain CPU ranks unless one is named, and its
+def needs_gloo() -> bool:
+    """DeepSpeed without CUDA: Accelerate finds no backend for plain CPU ranks unless one is named, and its
     `cpu=True` would turn DeepSpeed off, so the ranks ask for gloo."""
-    if requested() and not torch.cuda.is_available():
-        return {"backend": "gloo"}
-    return {"cpu": use_cpu}
+    return requested() and not torch.cuda.is_available()
+
+
+def process_group_kwargs(use_cpu: bool) -> dict[str, Any]:
+    """Keyword arguments for the first PartialState of a rank (see `needs_gloo`)."""
+    return {"backend": "gloo"} if needs_gloo() else {"cpu": use_cpu}
 
 
 def active(accelerator: Any) -> bool:
@@ -52,7 +50,7 @@ def active(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure(accelerator: Any, args: Any) -> dict[str, Any]:
+def configure(accelerator: Any, args: Any) -> None:
     """Fill the DeepSpeed config from the trainer's arguments, before `prepare` builds the engine."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     world = accelerator.num_processes
@@ -66,7 +64,6 @@ def configure(accelerator: Any, args: Any) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints stay off
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
-    return config
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
