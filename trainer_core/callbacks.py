@@ -24,7 +24,6 @@ Callbacks from config: `trainer.callbacks: [{_target_: my_pkg.MyCallback, patien
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import tempfile
@@ -32,23 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trainer_core.args import TrainingArguments
-
-
-def _instantiate(config: dict[str, Any], **extra: Any) -> Any:
-    """`{_target_: "pkg.mod.Name", **kwargs}` -> pkg.mod.Name(**kwargs, **extra), without Hydra."""
-    config = dict(config)
-    target = config.pop("_target_", None)
-    if not target or "." not in target:
-        raise ValueError(f"{config}: needs `_target_: package.module.Name`.")
-    module_name, _, attr = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"_target_={target!r} cannot be imported: {err}") from err
-    return obj(**config, **extra)
+from trainer_core.files import fsync_dir
+from trainer_core.metrics import is_better
 
 
 @dataclass
@@ -193,8 +178,7 @@ class EarlyStoppingCallback(TrainerCallback):
         value = (metrics or {}).get(args.best_metric_key())
         if value is None:
             return control
-        better = np.greater if args.resolved_greater_is_better() else np.less
-        if self.best is None or (better(value, self.best) and abs(value - self.best) > self.threshold):
+        if is_better(value, self.best, args.resolved_greater_is_better(), self.threshold):
             self.best, self.patience_counter = value, 0
         else:
             self.patience_counter += 1
@@ -233,14 +217,6 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -295,7 +271,7 @@ class MetricsFileCallback(TrainerCallback):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def close(self) -> None:
         if self._file is not None:

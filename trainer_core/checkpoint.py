@@ -18,7 +18,6 @@ folder with a manifest that verifies is complete. `find_resumable` takes the new
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,13 +32,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer_core.files import fsync_dir, fsync_file, replace_dir, sha256_file
+
 logger = logging.getLogger("trainer_core.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _SAFE_FILES = re.compile(
     r"^(model\.safetensors|optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.json|rng_state_\d+\.json|manifest\.json"
-    r"|model_shard_\d+\.safetensors|optimizer_shard_\d+\.safetensors"  # FSDP2 shards: trainer_core.distributed
+    r"|model_shard_\d+\.safetensors|optimizer_shard_\d+\.safetensors"  # FSDP2 shards: trainer_core.fsdp2
     # DeepSpeed ZeRO partitions, read with torch.load(weights_only=True): trainer_core.zero
     r"|(?:(?:bf16_)?zero_pp_rank_\d+_)?mp_rank_\d+_(?:model|optim)_states\.pt)$"
 )
@@ -58,28 +59,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), key=lambda p: p.name)
 
 
-# --- durability --------------------------------------------------------------------------------
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
+# --- atomic folders ----------------------------------------------------------------------------
 def begin(output_dir: str | Path, step: int) -> Path:
     """Fresh temp folder for step's checkpoint (main process only); a leftover from a killed save is wiped."""
     final = checkpoint_dir(output_dir, step)
@@ -95,8 +75,8 @@ def commit(tmp: Path, *, config_hash: str, mlflow_run_id: str | None, global_ste
     """fsync every file, write the manifest last, rename into place, fsync the parent (main process only)."""
     files = {}
     for path in sorted(tmp.iterdir()):
-        _fsync_file(path)
-        files[path.name] = {"sha256": _sha256(path), "size": path.stat().st_size}
+        fsync_file(path)
+        files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     manifest = {
         "format": 1,
         "global_step": global_step,
@@ -110,13 +90,9 @@ def commit(tmp: Path, *, config_hash: str, mlflow_run_id: str | None, global_ste
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
-    if final.exists():  # a re-save of the same step (e.g. after a resume at it): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final
+    fsync_dir(tmp)
+    # a re-save of the same step (e.g. after a resume at it) replaces the folder whole
+    return replace_dir(tmp, tmp.with_name(tmp.name.removeprefix(".tmp-")))
 
 
 # --- verification ------------------------------------------------------------------------------
@@ -138,7 +114,7 @@ def verify(path: str | Path) -> str | None:
         size = file.stat().st_size
         if size != expected["size"]:
             return f"truncated file {name} ({size} bytes, manifest says {expected['size']})"
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             return f"hash mismatch in {name}"
     return None
 

@@ -22,8 +22,14 @@ logger = logging.getLogger("trainer_core")
 
 
 def _load_tokenizer(tokenizer_dir: str | None) -> Any:
+    """The tokenizer the features were made with, or the image processor (vision families)."""
     if not tokenizer_dir or not Path(tokenizer_dir).exists():
         return None
+    if (Path(tokenizer_dir) / "preprocessor_config.json").is_file() and not (
+            Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(tokenizer_dir)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -42,7 +48,7 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     from trainer_core.tasks import get_task
     from trainer_core.trainer import Trainer
 
-    task = get_task(spec.task.family)
+    task = get_task(spec.task.family)(spec.task)
     # cpu= as Accelerator itself reads it: a bare PartialState() does not join the gloo group on CPU, and the
     # Accelerator built later would inherit that single-process state
     state = PartialState(**zero.process_group_kwargs(parse_flag_from_env("ACCELERATE_USE_CPU")))
@@ -60,11 +66,10 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     if model_dir is not None:
         from dataclasses import replace
 
-        model = task.build_model(replace(spec.model, name_or_path=str(model_dir), config={}, revision=None),
-                                 spec.task)
+        model = task.build_model(replace(spec.model, name_or_path=str(model_dir), config={}, revision=None))
         plan = None
     else:
-        model = task.build_model(spec.model, spec.task)
+        model = task.build_model(spec.model)
         plan = BatchPlan.load(spec.plan_path)
     args = spec.args
     if model_dir is not None:

@@ -66,14 +66,6 @@ def configure(accelerator: Any, args: Any) -> None:
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
 
 
-def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's and DeepSpeed's wrappers: the one whose param_groups' lr DeepSpeed
-    steps with (an LR scheduler is attached to it)."""
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def local_parameter_counts(model: torch.nn.Module) -> tuple[int, int] | None:
     """(numel held by this rank, numel of the model) under ZeRO-3, None for unpartitioned models."""
     params = list(model.parameters())

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("WORLD_SIZE", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.trainer_core.conftest import make_trainer  # noqa: E402
+from tests.trainer_core.factories import make_trainer  # noqa: E402
 from trainer_core import checkpoint as ckpt  # noqa: E402
 from trainer_core.callbacks import TrainerCallback  # noqa: E402
 

@@ -49,13 +49,15 @@ def run_hf(model, data, args_kw, group_by_length: bool, out: str) -> tuple[float
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments as HFArgs
 
-    from trainer_core.tasks import text_classification
+    from trainer_core.spec import TaskSpec
+    from trainer_core.tasks import get_task
 
     # transformers 5 spells group_by_length as train_sampling_strategy="group_by_length"
     strategy = "group_by_length" if group_by_length else "sequential"
     args = HFArgs(output_dir=out, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                   optim="adamw_torch", train_sampling_strategy=strategy, logging_steps=args_kw["max_steps"], **args_kw)
-    trainer = HFTrainer(model=model, args=args, train_dataset=data, data_collator=text_classification.data_collator(None))
+    trainer = HFTrainer(model=model, args=args, train_dataset=data, 
+                        data_collator=get_task("text_classification")(TaskSpec()).collator(None))
     started = time.perf_counter()
     result = trainer.train()
     return time.perf_counter() - started, result.training_loss

@@ -11,21 +11,16 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from tests.trainer_core.test_launch import HardKill, _env, _spec  # noqa: F401  (shared with the trainer_core launch tests)
 from trainer_core.callbacks import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINER_TESTS = REPO / "tests" / "trainer_core"
-if str(TRAINER_TESTS) not in sys.path:
-    sys.path.insert(0, str(TRAINER_TESTS))
-
-from test_launch import HardKill, _env, _spec  # noqa: E402,F401  (shared with the trainer_core launch tests)
 
 RECORD = "tests.distributed.helpers.RecordSamples"
-KILL = "test_launch.HardKill"
+KILL = "tests.trainer_core.test_launch.HardKill"
 
 
 class RecordSamples(TrainerCallback):
@@ -44,7 +39,7 @@ class RecordSamples(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from torch.distributed.tensor import DTensor
 
-        from trainer_core.distributed import parameter_counts
+        from trainer_core.fsdp2 import parameter_counts
 
         local, total = parameter_counts(model)
         sharded = sum(isinstance(p, DTensor) for p in model.parameters())
@@ -99,7 +94,7 @@ def launch(overrides: list[str], spec_path: Path, *, env: dict[str, str] | None 
     run_env = launch_env | _env() | dict(env or {}) | {"OMP_NUM_THREADS": "1"}
     if "ACCELERATE_USE_CPU" in launch_env:
         run_env["ACCELERATE_USE_CPU"] = launch_env["ACCELERATE_USE_CPU"]
-    run_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TRAINER_TESTS)])
+    run_env["PYTHONPATH"] = str(REPO)
     if background:
         return subprocess.Popen(cmd, env=run_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)

@@ -57,7 +57,7 @@ def deepspeed_runs(tmp_path_factory, reference_runs):
     root = tmp_path_factory.mktemp("deepspeed")
     ref_spec = reference_runs[2][0]
     set_seed(ref_spec.args.seed)  # what trainer_core.run does before building the model
-    get_task(ref_spec.task.family).build_model(ref_spec.model, ref_spec.task).save_pretrained(root / "init")
+    get_task(ref_spec.task.family)(ref_spec.task).build_model(ref_spec.model).save_pretrained(root / "init")
     runs = {"zero2": _spec_from(root / "init", root, "zero2"), "zero3": _spec_from(root / "init", root, "zero3")}
     _, killed_path = _spec_from(root / "init", root, "killed", record=False, kill_at=4)
     # "best" = the higher eval loss, i.e. step 3's checkpoint (6 steps, evaluated and saved at 3 and 6)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from stages.launch import distributed_spec
 from tests.distributed.helpers import assert_relaunch_equals, hardware_of, launch, make_spec, metrics, read_records
 from tests.distributed.test_equivalence import assert_same_run
-from trainer_core.distributed import consolidate
+from trainer_core.fsdp2 import consolidate
 
 FSDP_CPU = ["hardware=fsdp_2gpu", "hardware.use_cpu=true"]
 

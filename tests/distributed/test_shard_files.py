@@ -1,11 +1,10 @@
 """Sharded checkpoint files read back on any world size, without a process group (fast, one process).
 
-Shard files are written the way trainer_core.distributed.save_sharded writes them (local piece + global shape
+Shard files are written the way trainer_core.fsdp2.save_sharded writes them (local piece + global shape
 and offset in the metadata), here by hand for an uneven 2-way dim-0 split (FSDP2's torch.chunk rule)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import tests.distributed.helpers  # noqa: F401  (puts tests/trainer_core on sys.path)
-from trainer_core import distributed as D
+from trainer_core import fsdp2 as D
 
 
 def _write_shards(directory, tensors, world):
@@ -73,8 +72,7 @@ def test_one_rank_fsdp_round_trip_in_process(tmp_path):
     from torch.distributed.tensor import DTensor
 
     from stages.launch import free_port
-
-    tiny_model = importlib.import_module("conftest").tiny_model  # tests/trainer_core/conftest.py (helpers' path)
+    from tests.trainer_core.factories import tiny_model
 
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer_core.conftest import make_trainer, tiny_model
+from tests.trainer_core.factories import make_trainer, tiny_model
 from trainer_core import checkpoint as ckpt
 
 ARGS = dict(max_steps=4, save_strategy="steps", save_steps=2, dropout=0.1)

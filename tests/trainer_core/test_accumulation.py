@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import make_dataset, tiny_model
 
+from tests.trainer_core.factories import make_dataset, tiny_model
 from trainer_core.args import TrainingArguments
 from trainer_core.data import build_batch_plan
 from trainer_core.spec import TaskSpec
@@ -49,11 +49,11 @@ def test_accumulation_equals_bigger_batch(tmp_path, family):
 
 def test_token_loss_is_normalised_by_label_tokens_of_the_window():
     # two micro-batches with 1 and 3 labelled tokens: the mean over the 4 tokens, not the mean of the two means
-    task = get_task("token_classification")
+    task = get_task("token_classification")(TaskSpec(family="token_classification"))
     logits = torch.randn(2, 3, 4)
     labels = torch.tensor([[1, -100, -100], [0, 2, 3]])
     per_example = task.loss_per_example(logits, labels)
-    counts = task.count_items(labels)
+    counts = task.count_items({"labels": labels})
     assert counts.tolist() == [1, 3]
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 4), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(per_example.sum() / counts.sum(), expected)

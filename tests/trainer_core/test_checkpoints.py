@@ -5,8 +5,8 @@ import logging
 
 import pytest
 import torch
-from conftest import make_trainer
 
+from tests.trainer_core.factories import make_trainer
 from trainer_core import checkpoint as ckpt
 from trainer_core.callbacks import TrainerCallback
 

@@ -17,9 +17,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_dataset, tiny_model
 from torch.utils.data import SequentialSampler
 
+from tests.trainer_core.factories import make_dataset, tiny_model
 from trainer_core.args import TrainingArguments
 from trainer_core.data import build_batch_plan
 from trainer_core.spec import TaskSpec
@@ -33,7 +33,7 @@ def _hf_run(model, dataset, tmp_path, *, max_steps, batch, accumulation, warmup_
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments as HFArgs
 
-    from trainer_core.tasks import text_classification
+    from trainer_core.tasks import get_task
 
     class SequentialHFTrainer(HFTrainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -50,7 +50,8 @@ def _hf_run(model, dataset, tmp_path, *, max_steps, batch, accumulation, warmup_
         optim="adamw_torch", lr_scheduler_type="linear", disable_tqdm=True, seed=0,
     )
     trainer = SequentialHFTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=text_classification.data_collator(None),
+        model=model, args=args, train_dataset=dataset,
+        data_collator=get_task("text_classification")(TaskSpec()).collator(None),
         compute_loss_func=sum_over_items if custom_loss else None,
     )
     trainer.train()

@@ -2,7 +2,8 @@
 
 import numpy as np
 import torch
-from conftest import make_trainer
+
+from tests.trainer_core.factories import make_trainer
 
 
 def test_predict_with_preprocess_logits(tmp_path):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, make_dataset
 from safetensors.torch import load_file
 
+from tests.trainer_core.factories import TINY_BERT, make_dataset
 from trainer_core.args import TrainingArguments
 from trainer_core.callbacks import TrainerCallback
 from trainer_core.data import build_batch_plan
@@ -78,7 +78,7 @@ def _spec(tmp_path, name, world_size, dropout=0.0, callbacks=()):
 def _env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]))
+               PYTHONPATH=str(REPO))
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -132,7 +132,7 @@ def test_two_process_hard_kill_and_relaunch_equals_uninterrupted(tmp_path):
     # dropout and shuffling on; killed in the middle of step 5's accumulation window (last checkpoint: step 3)
     spec_ref, path_ref = _spec(tmp_path, "ref", world_size=2, dropout=0.1)
     assert _launch_two(path_ref).returncode == 0
-    kill = {"_target_": "test_launch.HardKill", "step": 4}
+    kill = {"_target_": "tests.trainer_core.test_launch.HardKill", "step": 4}
     spec_run, path_killed = _spec(tmp_path, "run", world_size=2, dropout=0.1, callbacks=[kill])
     killed = _launch_two(path_killed)
     assert killed.returncode != 0

@@ -4,9 +4,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from conftest import make_trainer, tiny_model
 from safetensors.torch import load_file
 
+from tests.trainer_core.factories import make_trainer, tiny_model
 from trainer_core.callbacks import TrainerCallback
 from trainer_core.losses import WeightedCrossEntropy
 from trainer_core.tasks import get_task

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from test_launch import _spec
 
+from tests.trainer_core.test_launch import _spec
 from trainer_core.checkpoint import load_weights, save_weights
 from trainer_core.run import build_trainer, main
 
@@ -64,7 +64,7 @@ def test_bf16_on_cpu_trains(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_trainer
+    from tests.trainer_core.factories import make_trainer
 
     bf16 = make_trainer(tmp_path / "bf16", max_steps=2, mixed_precision="bf16")
     assert bf16.accelerator.mixed_precision == "bf16"

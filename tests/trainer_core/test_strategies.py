@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import Scripted, make_trainer
 from safetensors.torch import load_file
 
+from tests.trainer_core.factories import Scripted, make_trainer
 from trainer_core import checkpoint as ckpt
 from trainer_core.callbacks import TrainerCallback
 
@@ -152,7 +152,7 @@ def test_should_epoch_stop_jumps_to_next_epoch(tmp_path):
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
     import copy
 
-    from conftest import tiny_model
+    from tests.trainer_core.factories import tiny_model
 
     base = tiny_model(dropout=0.0, seed=4)
     plain = make_trainer(tmp_path / "a", model=copy.deepcopy(base), max_steps=3)

@@ -1,13 +1,13 @@
 """Bad config: one clear error listing every problem, before any training."""
 
 import pytest
-from conftest import make_trainer
 
-import trainer_core.trainer as trainer_module
+import trainer_core.precision as precision_module
+from tests.trainer_core.factories import make_trainer
 
 
 def test_all_errors_at_once_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "bf16_supported", lambda: False)
+    monkeypatch.setattr(precision_module, "bf16_supported", lambda: False)
     with pytest.raises(ValueError) as info:
         make_trainer(
             tmp_path / "run", warmup_ratio=1.5, load_best_model_at_end=True, eval_strategy="steps", eval_steps=2,

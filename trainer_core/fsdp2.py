@@ -3,10 +3,10 @@
 Accelerate 1.x silently replaces its FSDP plugin by plain DDP on CPU, and its FSDP2 refuses
 `accelerator.prepare_model` alone (the Trainer prepares model and optimizer separately). So the launcher starts
 plain ranks, and when the run spec asks for FSDP (`RunSpec.distributed = {"distributed_type": "FSDP",
-"fsdp_config": {...}}`) the Trainer calls `shard_model` instead of `accelerator.prepare_model`: every layer class
-named in the
-model's `_no_split_modules` (e.g. BertEmbeddings, BertLayer) becomes its own FSDP unit, then the root. Each
-rank then holds about 1/world of every parameter and optimizer state (DTensors sharded on dim 0).
+"fsdp_config": {...}}`) `strategies.FSDP2Strategy` calls `shard_model` instead of `accelerator.prepare_model`:
+every layer class named in the model's `_no_split_modules` (e.g. BertEmbeddings, BertLayer) becomes its own FSDP
+unit, then the root. Each rank then holds about 1/world of every parameter and optimizer state (DTensors sharded
+on dim 0).
 
 Checkpoints stay sharded (no rank ever gathers the full model during training):
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-logger = logging.getLogger("trainer_core.distributed")
+logger = logging.getLogger("trainer_core.fsdp2")
 
 MODEL_SHARD = "model_shard_{rank}.safetensors"
 OPTIMIZER_SHARD = "optimizer_shard_{rank}.safetensors"

@@ -1,0 +1,137 @@
+"""What a run saves and restores: its checkpoint folders and final/, through the atomic path of checkpoint.py.
+
+    manager = CheckpointManager(output_dir, accelerator, strategy, config_hash=..., metrics_file=...)
+    manager.save(state, model, optimizer, lr_scheduler)            # every rank; checkpoints/step-N committed
+    state = manager.load(path, model, optimizer, lr_scheduler, callbacks, seed=args.seed)
+    manager.save_final(model, tokenizer, train_result)             # every rank; final/ replaced atomically
+
+The files of each topology (full weights, FSDP2 shards, DeepSpeed partitions) come from the strategy
+(trainer_core.strategies); which checkpoint to resume from is trainer_core.resume's question.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer_core import checkpoint as ckpt
+from trainer_core.callbacks import MetricsFileCallback, TrainerCallback, TrainerState
+from trainer_core.files import replace_dir, sync_tree
+from trainer_core.strategies import Strategy
+
+logger = logging.getLogger("trainer_core")
+
+FINAL = "final"
+
+
+class CheckpointManager:
+    """Checkpoints and the final model of one run folder. Every method is called by all ranks."""
+
+    def __init__(self, output_dir: str | Path, accelerator: Any, strategy: Strategy, *, config_hash: str = "",
+                 mlflow_run_id: str | None = None, config_components: dict[str, Any] | None = None,
+                 save_total_limit: int | None = None, metrics_file: MetricsFileCallback | None = None):
+        self.output_dir = Path(output_dir)
+        self.accelerator, self.strategy = accelerator, strategy
+        self.config_hash, self.mlflow_run_id = config_hash, mlflow_run_id
+        # the caller's dict, not a copy: components added after construction still reach the manifest
+        self.config_components = config_components if config_components is not None else {}
+        self.save_total_limit = save_total_limit
+        self.metrics_file = metrics_file
+
+    def folder(self, step: int) -> Path:
+        return ckpt.checkpoint_dir(self.output_dir, step)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def save(self, state: TrainerState, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any) -> Path:
+        """Write checkpoints/step-<global_step> atomically: every rank its files into the temp folder, then the
+        main process the shared ones, the manifest last, and the rotation once it is committed."""
+        acc = self.accelerator
+        final = self.folder(state.global_step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        if acc.is_main_process:
+            ckpt.begin(self.output_dir, state.global_step)
+        acc.wait_for_everyone()
+        ckpt.write_json(tmp / f"rng_state_{acc.process_index}.json", ckpt.rng_state())
+        state_dict = self.strategy.save_state(model, optimizer, tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.strategy.write_state(state_dict, optimizer, tmp)
+            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "trainer_state.json").write_text(state.to_json(), encoding="utf-8")
+            if self.metrics_file is not None:
+                self.metrics_file.sync()  # metrics.jsonl holds every step this checkpoint covers
+            ckpt.commit(tmp, config_hash=self.config_hash, mlflow_run_id=self.mlflow_run_id,
+                        global_step=state.global_step, config_components=self.config_components)
+            logger.info("Saved checkpoint %s", final)
+            ckpt.rotate(self.output_dir, self.save_total_limit, state.best_model_checkpoint)
+        acc.wait_for_everyone()
+        return final
+
+    def check_loadable(self, path: Path) -> None:
+        """Refuse a folder that does not verify, holds unsafe files or comes from another config."""
+        ckpt.check_loadable(path, self.config_hash, self.config_components)
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
+             callbacks: list[TrainerCallback], seed: int) -> TrainerState:
+        """Restore model, optimizer, scheduler, scaler, callback states and this rank's RNG from a checkpoint that
+        passed `check_loadable`; returns its TrainerState."""
+        acc = self.accelerator
+        self.strategy.check_kind(path)
+        self.strategy.load_state(model, optimizer, path)
+        lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if acc.scaler is not None and (path / "scaler.pt").exists():
+            acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        state = TrainerState.from_json((path / "trainer_state.json").read_text(encoding="utf-8"))
+        state.is_local_process_zero = acc.is_local_main_process
+        state.is_world_process_zero = acc.is_main_process
+        for callback in callbacks:
+            if type(callback).__name__ in state.stateful_callbacks:
+                callback.load_state_dict(state.stateful_callbacks[type(callback).__name__])
+        self._restore_rng(path, state.global_step, seed)
+        return state
+
+    def _restore_rng(self, path: Path, step: int, seed: int) -> None:
+        # RNG on a world size change (the plan keeps the global batch, each rank takes its share of it): rank r
+        # restores rng_state_r when the checkpoint has it; a rank the saving run did not have takes rank 0's
+        # python/numpy state and a torch generator seeded from (seed, step, rank), so no two ranks draw the same
+        # dropout masks and the relaunch stays reproducible. Files of ranks beyond the new world are unused.
+        acc = self.accelerator
+        saved_ranks = len(list(path.glob("rng_state_*.json")))
+        if saved_ranks != acc.num_processes:
+            logger.warning("%s was written by %d rank(s), this run has %d: RNG restored per rank where present",
+                           path, saved_ranks, acc.num_processes)
+        rng_path = path / f"rng_state_{acc.process_index}.json"
+        if rng_path.exists():
+            ckpt.set_rng_state(json.loads(rng_path.read_text(encoding="utf-8")))
+        else:
+            ckpt.set_rng_state(json.loads((path / "rng_state_0.json").read_text(encoding="utf-8")))
+            torch.manual_seed(seed * 1_000_003 + step * 1_009 + acc.process_index)
+
+    # --- final model -----------------------------------------------------------------------------
+    def save_final(self, model: torch.nn.Module, tokenizer: Any, train_result: dict[str, Any]) -> Path:
+        """Write <output_dir>/final/ atomically: weights, config, tokenizer, train_result.json."""
+        acc = self.accelerator
+        final = self.output_dir / FINAL
+        state_dict = self.strategy.full_state_dict(model)
+        if acc.is_main_process:
+            tmp = self.output_dir / f".tmp-{FINAL}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
+                                                    **self.strategy.save_pretrained_kwargs())
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / "train_result.json").write_text(json.dumps(train_result, indent=2, sort_keys=True),
+                                                   encoding="utf-8")
+            sync_tree(tmp)
+            replace_dir(tmp, final)
+            logger.info("Saved final model to %s", final)
+        acc.wait_for_everyone()
+        return final
