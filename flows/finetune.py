@@ -13,32 +13,49 @@ registered model version and its aliases, and the final metrics; the same report
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from flows import runtime
-from flows.config import ConfigError, FinetuneConfig, compose
+from flows.config import compose
+from stages.schema import ConfigError, FinetuneConfig
+from trainer_core.files import write_json_atomic
 
 
 def preflight(cfg: FinetuneConfig) -> None:
     """Checks that need more than the config itself: the data, the model's files, the hardware."""
-    from stages.common import resolve_model_path
     from stages.launch import preflight as hardware_preflight
     from stages.sources import load_raw
 
     hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision)
-    resolve_model_path(cfg.model)
+    family_preflight(cfg)
     load_raw(cfg.task, cfg.paths.root)
 
 
+def family_preflight(cfg: FinetuneConfig) -> None:
+    """The task family's refusals of this model and these training arguments (an encoder for causal_lm,
+    group_by_length for images, block_size beyond the model's positions), before any data is read."""
+    from stages.common import resolve_model_path
+    from trainer_core.spec import ModelSpec
+    from trainer_core.tasks import get_task
+
+    family = get_task(cfg.task.family)(cfg.task.spec())
+    model = ModelSpec(name_or_path=resolve_model_path(cfg.model), config=dict(cfg.model.config),
+                      revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    errors = family.model_errors(model) + family.training_errors(cfg.trainer)
+    if errors:
+        raise ConfigError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
+
+
 def _summary(report: dict) -> str:
+    from stages.tracking import CANDIDATE, CHAMPION
+
     lines = [
         f"MLflow run:        {report['mlflow_run_id']} ({report['tracking_uri']})",
         f"Registered model:  {report['model_name']} version {report['model_version']}"
         f" (aliases: {', '.join(report['aliases']) or 'none'})",
         f"Load it with:      mlflow.pyfunc.load_model('models:/{report['model_name']}@"
-        f"{'champion' if 'champion' in report['aliases'] else 'candidate'}')",
+        f"{CHAMPION if CHAMPION in report['aliases'] else CANDIDATE}')",
         "Stages:            " + ", ".join(f"{k}={v}" for k, v in report["stages"].items()),
         "Final metrics:",
         *(f"  {k:<24} {v:.4f}" for k, v in report["metrics"].items()),
@@ -70,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the flow logged the traceback already
         print(f"error: the finetune flow failed: {exc}", file=sys.stderr)
         return 1
-    Path(cfg.paths.root, "last_report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(Path(cfg.paths.root, "last_report.json"), report, sort_keys=False)
     print(_summary(report))
     return 0
 

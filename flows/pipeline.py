@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.config import compose
-from stages.build_dataloaders import BatchGeometry, build_dataloaders
+from stages.batch_plan import BatchGeometry, batch_plan
 from stages.evaluate import evaluate
 from stages.predict import predict
 from stages.prepare_data import prepare_data
@@ -44,7 +44,7 @@ def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
     stages: dict[str, str] = {}
     try:
         data = _run(prepare_data, cfg.task, cfg.model, cfg.paths, report=stages)
-        plan = _run(build_dataloaders, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
+        plan = _run(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
         trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds)
         model = _run(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, report=stages)
         metrics = _run(evaluate, model, data, cfg.paths, report=stages)

@@ -72,7 +72,7 @@ def read_rows(path: Path):
         raise RegistryError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
 
 
-def text_columns(frame, wanted: list[str]) -> list[str]:
+def input_columns(frame, wanted: list[str]) -> list[str]:
     """The input's columns that feed the model, in the model's order."""
     if len(wanted) > 1:
         missing = [c for c in wanted if c not in frame.columns]
@@ -94,7 +94,7 @@ def text_columns(frame, wanted: list[str]) -> list[str]:
     )
 
 
-def model_text_columns(version) -> list[str] | None:
+def model_input_columns(version) -> list[str] | None:
     """The model's input columns from its serving.json, fetched alone (not the weights); None if not found."""
     import tempfile as _tempfile
 
@@ -108,9 +108,19 @@ def model_text_columns(version) -> list[str] | None:
             folder = mlmodel["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
             meta = json.loads(Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{version.source}/{folder}/serving.json", dst_path=tmp)).read_text())
-        return list(meta["text_columns"])
+        return _inputs_of(meta)
     except Exception:  # noqa: BLE001 - another layout: the columns are checked once the model is loaded
         return None
+
+
+def _inputs_of(meta: dict) -> list[str]:
+    # input_columns: the task-family contract; text_columns: models registered before it
+    return list(meta.get("input_columns") or meta.get("text_columns") or [])
+
+
+def _outputs_of(python_model) -> list[str]:
+    family = getattr(python_model, "family", None)
+    return family.output_columns() if family is not None else ["label", "score"]
 
 
 def _write(frame, path: Path) -> None:
@@ -145,14 +155,14 @@ def predict_file(args: dict[str, str | None]) -> int:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    early = model_text_columns(version)
+    early = model_input_columns(version)
     if early:
-        text_columns(frame, early)  # a wrong file fails before the weights are downloaded
+        input_columns(frame, early)  # a wrong file fails before the weights are downloaded
     started = time.monotonic()
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
     python_model = model.unwrap_python_model()
-    wanted = list(getattr(python_model, "meta", {}).get("text_columns") or ["text"])
-    columns = text_columns(frame, wanted)
+    wanted = _inputs_of(getattr(python_model, "meta", {})) or ["text"]
+    columns = input_columns(frame, wanted)
     log.info("predict: %s v%s (%s), %d rows of %s, loaded in %.1f s", name, version.version, ref, len(frame),
              source, time.monotonic() - started)
     started = time.monotonic()
@@ -171,9 +181,10 @@ def predict_file(args: dict[str, str | None]) -> int:
             rate = done / max(time.monotonic() - started, 1e-9)
             log.info("predict: %d/%d rows (%.0f rows/s)", done, len(frame), rate)
             next_log = (done // log_every + 1) * log_every
-    predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"label": [], "score": []})
-    result = frame.reset_index(drop=True).drop(columns=["label", "score"], errors="ignore")
-    result = pd.concat([result, predictions[["label", "score"]]], axis=1)
+    outputs = _outputs_of(python_model)
+    predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in outputs})
+    result = frame.reset_index(drop=True).drop(columns=outputs, errors="ignore")
+    result = pd.concat([result, predictions[outputs]], axis=1)
     _write(result, output)
     log.info("predict: wrote %d rows to %s", len(result), output)
     return len(result)

@@ -27,10 +27,11 @@ import json
 import os
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-CHAMPION, CANDIDATE = "champion", "candidate"
+from stages.health import probe
+from stages.tracking import CHAMPION
+
 HISTORY_TAG = "champion_history"
 HISTORY_KEEP = 30  # entries of champion_history kept: a tag value has a length limit
 
@@ -75,13 +76,11 @@ def check_registry(uri: str) -> None:
         if not path.is_file():
             raise RegistryError(f"no MLflow store at {path} (run the finetune flow first, or pass --tracking-uri)")
     elif uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
-                if response.status != 200:
-                    raise RegistryError(f"the MLflow server at {uri} answered HTTP {response.status} to /health")
-        except OSError as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RegistryError(f"the MLflow server at {uri} does not answer ({reason})") from None
+        problem = probe(uri)
+        if problem and problem.startswith("answered HTTP"):
+            raise RegistryError(f"the MLflow server at {uri} {problem} to /health")
+        if problem:
+            raise RegistryError(f"the MLflow server at {uri} does not answer ({problem})")
 
 
 def connect(uri: str):

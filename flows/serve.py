@@ -30,10 +30,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import urllib.request
 from pathlib import Path
 
 from flows import runtime
+from stages.health import probe
 
 TRAIN_TAG = "finetune-train"  # stages.train.CONCURRENCY_TAG; not imported here: that would import prefect too early
 NIGHTLY_CRON = "0 2 * * *"
@@ -60,17 +60,6 @@ def _default_root() -> str:
     from flows.config import compose
 
     return compose([]).paths.root
-
-
-def _check_api(url: str) -> str | None:
-    """A quick health probe: a serve process pointed at no server should say so, not retry for minutes."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
-            if response.status == 200:
-                return None
-            return f"answered HTTP {response.status}"
-    except OSError as exc:
-        return str(getattr(exc, "reason", exc))
 
 
 def deployments(nightly_cron: str = NIGHTLY_CRON, nightly_overrides: list[str] | None = None, timezone: str = "UTC"):
@@ -109,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --max-trainings must be at least 1", file=sys.stderr)
         return 2
     api_url = args.api_url or os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL
-    problem = _check_api(api_url)
+    problem = probe(api_url)
     if problem:
         print(f"error: the Prefect API at {api_url} does not answer ({problem}). Start a server with "
               "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL (or --api-url).", file=sys.stderr)

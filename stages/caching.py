@@ -1,9 +1,20 @@
 """Content-addressed cache keys for the stages.
 
-A stage's key hashes (1) the config subtrees and input Refs it is called with, (2) the source of the code
-it runs: its own module, the project modules it imports (transitively) and any package it names, e.g. the
+A stage's key hashes (1) the config subtrees and input Refs it is called with, (2) the code that decides its
+output: its own module, the project modules it imports (transitively) and any package it names, e.g. the
 train stage names trainer_core, which it launches rather than imports. Prefect's default policy includes
 the flow run id and TASK_SOURCE misses edited helpers, hence this.
+
+What of a source file counts (`code_digest`): its syntax tree, not its text, less what only talks to people.
+Comments and formatting vanish in the tree anyway; removed from it are
+  - docstrings, and any other string literal standing alone as a statement (the attribute docstrings under
+    dataclass fields);
+  - messages: the arguments of `raise X(...)`, the string arguments (literals, f-strings) of logging calls
+    (`<logger>.debug/info/warning/warn/error/exception/critical/log(...)` where the receiver's name contains
+    "log", and `warnings.warn`), and whatever is appended to a list named `errors` (`errors.append(...)`:
+    the cross-field checks' messages).
+So rewording an error or a docstring reuses every cached stage; changing what a stage computes re-runs it.
+Other files a package ships (.json, .yaml) count byte for byte.
 
 Prefect stores one JSON record per key under its result storage. Before answering, the key function checks
 that the Ref stored for that key is still valid (files present, fingerprints match); if not it drops the
@@ -21,8 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.config import stable_hash
 from stages.refs import Ref, write_json_atomic
+from stages.schema import stable_hash
+from trainer_core.files import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("flows", "stages", "trainer_core")
@@ -30,8 +42,8 @@ NOT_IN_KEY = frozenset({"run"})
 """Parameters that say where to report (MLflow run), not what to compute."""
 
 
-def _module_path(name: str) -> Path | None:
-    base = REPO.joinpath(*name.split("."))
+def _module_path(name: str, repo: Path) -> Path | None:
+    base = repo.joinpath(*name.split("."))
     if base.with_suffix(".py").is_file():
         return base.with_suffix(".py")
     if (base / "__init__.py").is_file():
@@ -51,7 +63,7 @@ def _imports(path: Path) -> set[str]:
 
 
 @functools.cache
-def code_files(*modules: str) -> tuple[Path, ...]:
+def code_files(*modules: str, repo: Path = REPO) -> tuple[Path, ...]:
     """Source files of these modules and of every project module they import, transitively.
 
     A name that is a package pulls in every file under it (trainer_core runs as a whole in each rank).
@@ -60,7 +72,7 @@ def code_files(*modules: str) -> tuple[Path, ...]:
     todo = list(modules)
     while todo:
         name = todo.pop()
-        package_dir = REPO.joinpath(*name.split("."))
+        package_dir = repo.joinpath(*name.split("."))
         if name in modules and (package_dir / "__init__.py").is_file():
             for file in package_dir.rglob("*"):
                 if file.suffix in (".py", ".json", ".yaml") and "__pycache__" not in file.parts and file not in seen:
@@ -68,7 +80,7 @@ def code_files(*modules: str) -> tuple[Path, ...]:
                     if file.suffix == ".py":
                         todo.extend(_imports(file))
             continue
-        path = _module_path(name)
+        path = _module_path(name, repo)
         if path is None or path in seen:
             continue
         seen.add(path)
@@ -76,25 +88,104 @@ def code_files(*modules: str) -> tuple[Path, ...]:
     return tuple(sorted(seen))
 
 
+# --- what of a source file counts ------------------------------------------------------------------
+
+LOG_METHODS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
+ERROR_LISTS = frozenset({"errors"})
+
+
+def _dotted(node: ast.expr) -> str:
+    """`self.logger` for an attribute chain, `log` for a name, "" for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return f"{inner}.{node.attr}" if inner else ""
+    return ""
+
+
+def _is_text(node: ast.expr) -> bool:
+    """A string literal, an f-string, or a concatenation / %-format / .format() built from one."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _is_text(node.left) or _is_text(node.right)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+        return _is_text(node.func.value)
+    return False
+
+
+def _is_log_call(call: ast.Call) -> bool:
+    if not isinstance(call.func, ast.Attribute) or call.func.attr not in LOG_METHODS:
+        return False
+    receiver = _dotted(call.func.value).rsplit(".", 1)[-1].lower()
+    return "log" in receiver or receiver == "warnings"
+
+
+def _is_error_append(call: ast.Call) -> bool:
+    return (isinstance(call.func, ast.Attribute) and call.func.attr == "append"
+            and _dotted(call.func.value).rsplit(".", 1)[-1] in ERROR_LISTS)
+
+
+class _WithoutMessages(ast.NodeTransformer):
+    """Drops docstrings and messages from a tree (the rule in the module docstring)."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        for name in ("body", "orelse", "finalbody"):
+            body = getattr(node, name, None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+                kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                                and isinstance(s.value.value, str))]
+                # a body of nothing but a docstring still needs a statement
+                setattr(node, name, kept or ([ast.Pass()] if name == "body" else []))
+        return node
+
+    def visit_Raise(self, node: ast.Raise) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.exc, ast.Call):
+            node.exc.args, node.exc.keywords = [], []
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if _is_error_append(node):
+            node.args, node.keywords = [], []
+        elif _is_log_call(node):
+            node.args = [arg for arg in node.args if not _is_text(arg)]
+        return node
+
+
+def code_digest(path: Path) -> str:
+    """SHA-256 of what in this file decides results: a .py file's tree without docstrings and messages."""
+    if path.suffix != ".py":
+        return sha256_file(path)
+    tree = _WithoutMessages().visit(ast.parse(path.read_text(), filename=str(path)))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+
+
 @functools.cache
-def code_version(*modules: str) -> str:
+def code_version(*modules: str, repo: Path = REPO) -> str:
     """Hash of the code, once per process: a process runs what it imported, so a Prefect retry keys (and
     resumes) the same run folder even if the files on disk were edited meanwhile."""
     digest = hashlib.sha256()
-    for file in code_files(*modules):
-        digest.update(str(file.relative_to(REPO)).encode())
-        digest.update(file.read_bytes())
+    for file in code_files(*modules, repo=repo):
+        digest.update(str(file.relative_to(repo)).encode())
+        digest.update(code_digest(file).encode())
     return digest.hexdigest()
 
 
-def key_components(parameters: dict[str, Any], code: tuple[str, ...]) -> dict[str, str]:
+def key_components(parameters: dict[str, Any], code: tuple[str, ...], repo: Path = REPO) -> dict[str, str]:
     components = {name: stable_hash(value) for name, value in parameters.items() if name not in NOT_IN_KEY}
-    components["code"] = code_version(*code)
+    components["code"] = code_version(*code, repo=repo)
     return components
 
 
-def stage_key(stage: str, parameters: dict[str, Any], code: tuple[str, ...]) -> str:
-    return f"{stage}-{stable_hash(key_components(parameters, code))[:24]}"
+def stage_key(stage: str, parameters: dict[str, Any], code: tuple[str, ...], repo: Path = REPO) -> str:
+    """`<stage>-<24 hex>`; `repo` is where the code is read from (a test's copy of the repository)."""
+    return f"{stage}-{stable_hash(key_components(parameters, code, repo))[:24]}"
 
 
 def stage_dir(root: str | Path, key: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from flows.config import ConfigError, ModelConfig
+from stages.schema import ConfigError, ModelConfig
 
 
 def package_path(package: str, relative: str, needed_by: str) -> Path:

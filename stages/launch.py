@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from flows.config import ConfigError, HardwareConfig
+from stages.schema import ConfigError, HardwareConfig
+from trainer_core.precision import precision_problem
 
 
 def free_port() -> int:
@@ -87,8 +88,8 @@ def preflight(hardware: HardwareConfig, mixed_precision: str = "no") -> None:
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
                 f"Use hardware=cpu or hardware=ddp_2cpu here."
             )
-        elif mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
-            errors.append(f"hardware={hardware.name}: bf16 is not supported by this GPU; set trainer.mixed_precision=fp16 or no.")
+        elif problem := precision_problem(mixed_precision):  # the GPUs are there: can they run this precision?
+            errors.append(f"hardware={hardware.name}: {problem}")
     if hardware.distributed_type == "DEEPSPEED":
         import importlib.util
 

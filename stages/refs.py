@@ -7,42 +7,19 @@ so a cache hit whose files are gone or altered becomes a miss instead of a crash
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+from trainer_core.files import sha256_dir, write_json_atomic  # noqa: F401 - write_json_atomic: for the stages
+from trainer_core.files import sha256_file as file_sha256
 
 
 def dir_fingerprint(path: str | Path, exclude: tuple[str, ...] = ("ref.json",)) -> str:
-    """SHA-256 over every file's relative path and content: changes when any byte changes."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(file_sha256(file).encode())
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary sibling, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """trainer_core.files.sha256_dir of a stage folder, less its ref.json (which records this fingerprint)."""
+    return sha256_dir(path, exclude)
 
 
 class Ref(BaseModel):
@@ -69,10 +46,20 @@ class DatasetRef(Ref):
     """Folder with dataset/ (datasets.save_to_disk, tokenized) and tokenizer/."""
     fingerprint: str
     num_rows: dict[str, int]
-    text_columns: list[str]
-    label_names: list[str]
+    input_columns: list[str]
+    """Raw columns kept next to the features (the served model's inputs)."""
+    task: dict[str, Any] = {}
+    """The TaskSpec the features were prepared for: `family()` rebuilds its task family."""
     vocab_size: int
     tokenizer_fingerprint: str
+
+    def family(self) -> Any:
+        """The task family (trainer_core/tasks/) these features were prepared by."""
+        from trainer_core.spec import TaskSpec
+        from trainer_core.tasks import get_task
+
+        spec = TaskSpec(**self.task)
+        return get_task(spec.family)(spec)
 
     @property
     def dataset_dir(self) -> str:

@@ -16,9 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.config import FinetuneConfig, flatten
+from stages.schema import FinetuneConfig, flatten
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
+CANDIDATE, CHAMPION = "candidate", "champion"
+"""The registry's aliases: every new version is `candidate`; `champion` moves only through the promotion gate
+(stages/register.py) or by hand (flows/registry.py)."""
 log = logging.getLogger(__name__)
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.config import HardwareConfig, ModelConfig, PathsConfig, TaskConfig, stable_hash
 from stages.caching import cache_key_fn, explain_miss, key_components, stage_dir, stage_key, stage_logger
 from stages.common import resolve_model_path
 from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
 from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
+from stages.schema import HardwareConfig, ModelConfig, PathsConfig, TaskConfig, stable_hash
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
-from trainer_core.spec import ModelSpec, RunSpec, TaskSpec
+from trainer_core.spec import ModelSpec, RunSpec
 
 NAME = "train"
 CODE = ("stages.train", "trainer_core")
@@ -41,17 +41,11 @@ def build_spec(
     run_dir: Path, run: RunInfo | None, hardware: HardwareConfig | None = None,
 ) -> RunSpec:
     model_config = dict(model.config)
-    if model_config and resolve_model_path(model) is None:
+    if model_config and resolve_model_path(model) is None and data.vocab_size:
         model_config["vocab_size"] = data.vocab_size  # random init: size the embeddings to our tokenizer
     return RunSpec(
         args=trainer,
-        task=TaskSpec(
-            family=task.family,
-            text_columns=list(data.text_columns),
-            num_labels=task.num_labels,
-            label_names=list(task.label_names),
-            metrics=list(task.metrics),
-        ),
+        task=task.spec(),
         model=ModelSpec(
             name_or_path=resolve_model_path(model),
             config=model_config,

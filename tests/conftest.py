@@ -1,8 +1,16 @@
-"""Shared test set-up: no network, ever; real servers on loopback when a test asks for one."""
+"""Shared test set-up: no network, ever; real servers on loopback when a test asks for one.
+
+Fixtures every tier may use (the functions behind them live in tests/pipeline/helpers.py):
+    run_cli        `python -m flows.finetune <overrides>` in a subprocess, as a user runs it
+    run_module     `python -m <module> <args>` from the repository root (flows.registry, flows.predict, ...)
+    glue_folder    glue_folder(rows_per_split=96): a fresh folder laid out like the nyu-mll/glue Hub repo
+    prefect_server a real Prefect server on loopback, one per session
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before any Hugging Face import: the tests must never reach the Hub.
 os.environ.update(
@@ -19,6 +27,31 @@ os.environ.update(
 
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    from tests.pipeline.helpers import run_cli
+
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def run_module():
+    from tests.pipeline.helpers import run_module
+
+    return run_module
+
+
+@pytest.fixture(scope="session")
+def glue_folder(tmp_path_factory):
+    """A factory: each call writes a new GLUE-like folder (mrpc and sst2, test labels -1) and returns it."""
+    from tests.pipeline.helpers import write_glue_folder
+
+    def make(rows_per_split: int = 96, seed: int = 0) -> Path:
+        return write_glue_folder(tmp_path_factory.mktemp("data") / "glue", rows_per_split=rows_per_split, seed=seed)
+
+    return make
 
 
 @pytest.fixture(scope="session")

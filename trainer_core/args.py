@@ -1,11 +1,16 @@
 """Training arguments under the Hugging Face `TrainingArguments` names.
 
-The same dataclass is the Hydra schema of the `trainer` config group (flows/config.py) and the
-arguments of `trainer_core.Trainer`, so a key means one thing everywhere.
+The same dataclass is the Hydra schema of the `trainer` config group (stages/schema.py, composed by
+flows/config.py) and the arguments of `trainer_core.Trainer`, so a key means one thing everywhere.
+
+Keys renamed by transformers keep working under their old name, with a one-line notice naming the new key:
+`group_by_length` -> `train_sampling_strategy`, `warmup_ratio` -> `warmup_steps` (a value < 1 is a ratio).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +25,17 @@ SCHEDULERS = (
 STRATEGIES = ("no", "steps", "epoch")
 PRECISIONS = ("no", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+
+log = logging.getLogger(__name__)
+_noticed: set[str] = set()
+
+
+def _notice_deprecated(old: str, new: str) -> None:
+    """One line per deprecated key and process (a config is composed several times per run)."""
+    if old not in _noticed:
+        _noticed.add(old)
+        log.warning("notice: trainer.%s is deprecated: use trainer.%s", old, new)
 
 
 @dataclass
@@ -50,9 +66,8 @@ class TrainingArguments:
     """One of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."""
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the scheduler (e.g. num_cycles, power)."""
-    warmup_ratio: float = 0.0
-    """Fraction of the optimizer steps spent warming up; warmup_steps wins when > 0."""
-    warmup_steps: int = 0
+    warmup_steps: float = 0
+    """Optimizer steps of linear warmup; a value < 1 is a ratio of the total steps (ceil(total * ratio))."""
     optimizer: dict[str, Any] | None = None
     """`{_target_: torch.optim.SGD, momentum: 0.9}`: an optimizer class called with (param_groups, lr=...)."""
     lr_scheduler: dict[str, Any] | None = None
@@ -70,8 +85,18 @@ class TrainingArguments:
     label_smoothing_factor: float = 0.0
     neftune_noise_alpha: float | None = None
     """NEFTune: uniform noise on input embeddings during training only."""
-    group_by_length: bool = False
-    """Batch samples of similar length together (less padding), still shuffled and seeded."""
+    train_sampling_strategy: str = "random"
+    """Order of the train samples: random (seeded shuffle), sequential (dataset order) or group_by_length
+    (shuffled, then samples of similar length batched together: less padding)."""
+
+    # --- generation (Seq2SeqTrainingArguments names; families that generate) -------------------
+    predict_with_generate: bool | None = None
+    """Evaluate and predict with `generate` (seq2seq, causal_lm). None: the task family's default."""
+    generation_max_length: int | None = None
+    """max_length of generate during evaluation (None: the family's / model's generation config)."""
+    generation_num_beams: int | None = None
+    generation_config: dict[str, Any] | None = None
+    """Further GenerationConfig fields for evaluation, e.g. {no_repeat_ngram_size: 3}."""
 
     # --- strategies --------------------------------------------------------------------------
     logging_steps: int = 10
@@ -116,6 +141,26 @@ class TrainingArguments:
     """With resume_from_checkpoint: load only the model weights (tensors whose name and shape match, e.g. another
     task's encoder) and start a new run at step 0 with a fresh optimizer, schedule and data order."""
 
+    # --- deprecated names (mapped onto today's in __post_init__, then cleared) ------------------
+    group_by_length: bool | None = None
+    """Deprecated: train_sampling_strategy=group_by_length (true) or random (false)."""
+    warmup_ratio: float | None = None
+    """Deprecated: warmup_steps=<ratio> (a value < 1 is a ratio)."""
+
+    def __post_init__(self) -> None:
+        if self.group_by_length is not None:
+            strategy = "group_by_length" if self.group_by_length else "random"
+            _notice_deprecated("group_by_length", f"train_sampling_strategy={strategy}")
+            self.train_sampling_strategy, self.group_by_length = strategy, None
+        if self.warmup_ratio is not None:
+            valid = 0.0 <= self.warmup_ratio < 1.0  # else kept, for validate() to name it
+            _notice_deprecated("warmup_ratio", f"warmup_steps={self.warmup_ratio if valid else '<ratio>'} "
+                                               "(a value < 1 is a ratio of the steps)")
+            if valid:
+                if self.warmup_steps < 1:  # as before: a step count (>= 1) wins over the ratio
+                    self.warmup_steps = self.warmup_ratio
+                self.warmup_ratio = None
+
     def validate(self) -> list[str]:
         """Every problem with these arguments, as 'key: what is wrong and what to do'."""
         errors: list[str] = []
@@ -129,10 +174,15 @@ class TrainingArguments:
             positive(name)
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             errors.append("trainer.max_steps / trainer.num_train_epochs: set max_steps > 0 or num_train_epochs > 0.")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            errors.append(f"trainer.warmup_ratio={self.warmup_ratio}: must be within [0, 1] (a fraction of the steps).")
-        if self.warmup_steps < 0:
-            errors.append(f"trainer.warmup_steps={self.warmup_steps}: must be >= 0.")
+        if self.warmup_ratio is not None:
+            errors.append(f"trainer.warmup_ratio={self.warmup_ratio}: must be within [0, 1) (a fraction of the steps); "
+                          "better, use trainer.warmup_steps (a value < 1 is a ratio).")
+        if self.warmup_steps < 0 or (self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps)):
+            errors.append(f"trainer.warmup_steps={self.warmup_steps}: use a whole number of steps, or a ratio "
+                          "of the steps in [0, 1).")
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            errors.append(f"trainer.train_sampling_strategy={self.train_sampling_strategy!r}: use one of "
+                          f"{', '.join(SAMPLING_STRATEGIES)}.")
         if self.lr_scheduler_type not in SCHEDULERS and self.lr_scheduler is None:
             errors.append(f"trainer.lr_scheduler_type={self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}.")
         if self.mixed_precision not in PRECISIONS:
@@ -196,7 +246,12 @@ class TrainingArguments:
         return not self.best_metric_key().endswith("loss")
 
     def warmup_steps_for(self, total_steps: int) -> int:
-        """Warmup steps for a run of total_steps optimizer steps (warmup_steps wins when > 0)."""
-        import math
+        """Warmup steps for a run of total_steps optimizer steps: warmup_steps, or ceil(total * it) when < 1 (as HF)."""
+        return int(self.warmup_steps) if self.warmup_steps >= 1 else math.ceil(total_steps * self.warmup_steps)
 
-        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(total_steps * self.warmup_ratio)
+    def shuffles(self) -> bool:
+        """Whether the batch plan shuffles the train samples (all strategies but sequential)."""
+        return self.train_sampling_strategy != "sequential"
+
+    def groups_by_length(self) -> bool:
+        return self.train_sampling_strategy == "group_by_length"

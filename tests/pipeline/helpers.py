@@ -1,18 +1,22 @@
-"""Helpers for pipeline tests: GLUE-like folders, CLI runs, loopback servers."""
+"""Functions behind the test fixtures (tests/conftest.py): GLUE-like folders, CLI runs, loopback servers.
+
+Tests take them as fixtures (run_cli, run_module, glue_folder, prefect_server); FAST and report are plain values.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
+
+from stages.health import probe
+from stages.launch import free_port  # noqa: F401 - the tests' free port is the launcher's
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = [
@@ -22,7 +26,7 @@ FAST = [
     "trainer.per_device_train_batch_size=16",
     "trainer.logging_steps=4",
     "trainer.save_steps=12",
-    "trainer.warmup_ratio=0.1",
+    "trainer.warmup_steps=0.1",
     "task.max_train_samples=512",
     "task.max_eval_samples=128",
     "task.max_predict_samples=128",
@@ -34,7 +38,8 @@ NEGATIVE = "dull boring clumsy tedious flat awful lifeless bland messy weak".spl
 FILLER = "the film story cast plot script movie director scenes acting".split()
 
 
-def _sentence(rng: random.Random, positive: bool) -> str:
+def sentence(rng: random.Random, positive: bool) -> str:
+    """A short review-like sentence: three filler words and two of one sentiment."""
     words = rng.sample(FILLER, 3) + rng.sample(POSITIVE if positive else NEGATIVE, 2)
     rng.shuffle(words)
     return " ".join(words) + "."
@@ -52,10 +57,10 @@ def write_glue_folder(root: Path, rows_per_split: int = 96, seed: int = 0) -> Pa
             for idx in range(rows_per_split):
                 label = rng.randint(0, 1)
                 if subset == "sst2":
-                    rows.append({"sentence": _sentence(rng, bool(label)), "label": label, "idx": idx})
+                    rows.append({"sentence": sentence(rng, bool(label)), "label": label, "idx": idx})
                 else:
-                    first = _sentence(rng, True)
-                    second = first if label else _sentence(rng, False)
+                    first = sentence(rng, True)
+                    second = first if label else sentence(rng, False)
                     rows.append({"sentence1": first, "sentence2": second, "label": label, "idx": idx})
             frame = pd.DataFrame(rows)
             if split == "test":
@@ -78,27 +83,27 @@ def run_cli(overrides: list[str], env: dict[str, str] | None = None, timeout: in
     )
 
 
+def run_module(module: str, *args: str, env: dict[str, str] | None = None, timeout: int = 300):
+    """`python -m <module> <args>` from the repository root, as a user runs it (MLFLOW_TRACKING_URI unset)."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def report(root: Path) -> dict:
+    """The run's report (flows.finetune writes it to <paths.root>/last_report.json)."""
     return json.loads((root / "last_report.json").read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_http(url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    """Until `url` (a server's base URL) answers its /health probe; fails early if `proc` exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
+        if probe(url, timeout_seconds=2) is None:
+            return
+        time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
@@ -125,7 +130,7 @@ class PrefectServer:
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_http(f"{self.url}/health", proc=self.proc)
+        wait_http(self.url, proc=self.proc)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from flows.finetune import main
-from tests.pipeline.helpers import run_cli, write_glue_folder
 
 
 @pytest.fixture(autouse=True)
@@ -21,13 +20,13 @@ def _restore_environ():
 
 
 @pytest.fixture(scope="module")
-def glue(tmp_path_factory) -> Path:
-    return write_glue_folder(tmp_path_factory.mktemp("data") / "glue", rows_per_split=16)
+def glue(glue_folder) -> Path:
+    return glue_folder(rows_per_split=16)
 
 
 @pytest.fixture(scope="module")
-def glue_bad_labels(tmp_path_factory) -> Path:
-    root = write_glue_folder(tmp_path_factory.mktemp("data") / "glue", rows_per_split=16)
+def glue_bad_labels(glue_folder) -> Path:
+    root = glue_folder(rows_per_split=16)
     train = root / "sst2" / "train-00000-of-00001.parquet"
     frame = pd.read_parquet(train)
     frame.loc[3, "label"] = 7
@@ -87,7 +86,7 @@ def test_missing_split_names_the_split_key(capsys, tmp_path: Path, glue: Path) -
     )
 
 
-def test_the_real_command_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+def test_the_real_command_exits_non_zero_without_a_traceback(run_cli, tmp_path: Path) -> None:
     done = run_cli(["trainer.learning_rate=abc", f"paths.root={tmp_path}"], timeout=120)
     assert done.returncode == 2
     assert "trainer.learning_rate=abc" in done.stderr and "Traceback" not in done.stderr

@@ -9,9 +9,10 @@ import pytest
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows.config import compose
-from stages import build_dataloaders, prepare_data, train
+from stages import batch_plan, prepare_data, train
 from stages.caching import cache_key_fn, code_files, stage_dir, stage_key
 from stages.refs import DatasetRef, dir_fingerprint
+from stages.schema import PathsConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,9 @@ def _rel(files) -> set[str]:
 def test_code_version_follows_imports_transitively() -> None:
     train_files = _rel(code_files(*train.CODE))
     # train launches trainer_core: all of it counts, and the helpers the stage imports count too
-    assert {"trainer_core/trainer.py", "trainer_core/checkpoint.py", "stages/launch.py", "flows/config.py"} <= train_files
+    assert {"trainer_core/trainer.py", "trainer_core/checkpoint.py", "stages/launch.py", "stages/schema.py"} <= train_files
+    # Hydra composition and CLI wording are not code a stage runs
+    assert not any(f.startswith("flows/") for f in train_files)
     prepare_files = _rel(code_files(*prepare_data.CODE))
     # an edited helper of prepare_data changes its key (Prefect's TASK_SOURCE would miss it) ...
     assert {"stages/prepare_data.py", "stages/common.py", "stages/caching.py", "stages/refs.py"} <= prepare_files
@@ -33,7 +36,7 @@ def test_code_version_follows_imports_transitively() -> None:
 
 def test_learning_rate_changes_train_key_but_not_the_data_stages() -> None:
     base, faster = compose([]), compose(["trainer.learning_rate=3e-5"])
-    assert build_dataloaders.BatchGeometry.of(base.trainer, base.hardware) == build_dataloaders.BatchGeometry.of(
+    assert batch_plan.BatchGeometry.of(base.trainer, base.hardware) == batch_plan.BatchGeometry.of(
         faster.trainer, faster.hardware
     )
     data_keys = [stage_key("prepare_data", {"task": c.task, "model": c.model, "paths": c.paths}, prepare_data.CODE)
@@ -69,8 +72,8 @@ def test_a_record_whose_files_are_gone_or_altered_is_dropped(tmp_path: Path, res
     out = stage_dir(cfg.paths.root, key)
     (out / "dataset").mkdir(parents=True)
     (out / "dataset" / "data.arrow").write_bytes(b"rows")
-    ref = DatasetRef(path=str(out), fingerprint=dir_fingerprint(out), num_rows={"train": 1}, text_columns=["text"],
-                     label_names=[], vocab_size=10, tokenizer_fingerprint="x")
+    ref = DatasetRef(path=str(out), fingerprint=dir_fingerprint(out), num_rows={"train": 1}, input_columns=["text"],
+                     vocab_size=10, tokenizer_fingerprint="x")
     ref.save(out / "ref.json")
     record.write_text("{}")
     assert key_fn(None, params) == key and record.exists()
@@ -87,6 +90,36 @@ def test_a_record_whose_files_are_gone_or_altered_is_dropped(tmp_path: Path, res
 
 
 def test_batch_geometry_holds_only_what_shapes_the_plan() -> None:
-    fields = {f.name for f in dataclasses.fields(build_dataloaders.BatchGeometry)}
+    fields = {f.name for f in dataclasses.fields(batch_plan.BatchGeometry)}
     assert "learning_rate" not in fields and "weight_decay" not in fields
-    assert {"per_device_train_batch_size", "gradient_accumulation_steps", "seed", "world_size"} <= fields
+    assert {"per_device_train_batch_size", "gradient_accumulation_steps", "seed", "world_size",
+            "train_sampling_strategy"} <= fields
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "random", "sequential"])
+def test_train_sampling_strategy_shapes_the_plan(tmp_path: Path, strategy: str) -> None:
+    import datasets
+    import numpy as np
+
+    from trainer_core.data import BatchPlan, build_batch_plan
+
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4] * 5
+    data_dir = tmp_path / "data"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})}).save_to_disk(
+        str(data_dir / "dataset")
+    )
+    data = DatasetRef.model_construct(path=str(data_dir))  # only its dataset folder is read
+    cfg = compose(["trainer.max_steps=4", "trainer.per_device_train_batch_size=4",
+                   f"trainer.train_sampling_strategy={strategy}"])
+    geometry = batch_plan.BatchGeometry.of(cfg.trainer, cfg.hardware)
+    ref = batch_plan.batch_plan.fn(data, geometry, PathsConfig(root=str(tmp_path / "state")))
+    plan = BatchPlan.load(ref.path)
+    # what the stage built before train_sampling_strategy existed: group_by_length=<bool>, always shuffled
+    expected = {
+        "group_by_length": build_batch_plan(40, 4, 1, 1, 4, cfg.trainer.seed, lengths=lengths, group_by_length=True),
+        "random": build_batch_plan(40, 4, 1, 1, 4, cfg.trainer.seed),
+        "sequential": build_batch_plan(40, 4, 1, 1, 4, cfg.trainer.seed, shuffle=False),
+    }[strategy]
+    assert np.array_equal(plan.micro_batches, expected.micro_batches)
+    if strategy == "sequential":
+        assert plan.micro_batches.ravel().tolist() == list(range(16))  # the dataset's order

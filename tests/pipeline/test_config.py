@@ -1,38 +1,33 @@
-"""Config composition: every shipped config composes; bad keys, types and names fail with one clear message."""
+"""Config composition: GLUE subsets, defaults, deprecated keys; bad keys, types and names fail with one clear message.
+
+Every option of every group is composed and instantiated in tests/test_configs.py.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from flows.config import CONF_DIR, GLUE_SUBSETS, ConfigError, compose, flatten
-
-GROUPS = ("task", "model", "hardware", "trainer", "tracking", "registry", "paths")
-
-
-@pytest.mark.parametrize(
-    "group,option",
-    [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))],
-)
-def test_every_shipped_config_composes(group: str, option: str) -> None:
-    cfg = compose([f"{group}={option}"])
-    node = getattr(cfg, group)
-    if hasattr(node, "name"):
-        assert option in node.name  # the file we asked for is the one that was used
-    assert Path(cfg.paths.root).is_absolute()
+from flows.config import CONF_DIR, compose, glue_subsets
+from stages.schema import ConfigError, flatten
 
 
-@pytest.mark.parametrize("subset", sorted(GLUE_SUBSETS))
+@pytest.mark.parametrize("subset", sorted(glue_subsets()))
 def test_glue_subsets_map_their_columns_like_run_glue(subset: str) -> None:
     cfg = compose(["task=glue", f"task.subset={subset}"])
-    expected = GLUE_SUBSETS[subset]
+    expected = glue_subsets()[subset]
     assert cfg.task.text_column == expected["text_column"]
     assert cfg.task.text_pair_column == expected["text_pair_column"]
     assert cfg.task.num_labels == expected["num_labels"]
+    assert cfg.task.metrics == expected["metrics"] and cfg.task.label_names == expected["label_names"]
     assert cfg.task.name == f"glue-{subset}"
     assert cfg.registry.champion_metric == expected["metrics"][0]
     assert cfg.task.test_has_labels is False  # GLUE test labels are -1
+
+
+def test_the_glue_table_is_data_not_a_task_option() -> None:
+    table = CONF_DIR / "task" / "glue" / "subsets.yaml"
+    assert table.is_file() and "subsets" not in {p.stem for p in (CONF_DIR / "task").glob("*.yaml")}
+    assert {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"} == set(glue_subsets())
 
 
 def test_mnli_uses_its_matched_splits() -> None:
@@ -81,6 +76,48 @@ def test_cross_field_problems_are_collected_into_one_message() -> None:
     assert message.startswith("Config is not well-formed")
     for key in ("trainer.warmup_ratio", "trainer.load_best_model_at_end", "trainer.metric_for_best_model"):
         assert key in message
+
+
+def test_default_trainer_uses_today_s_transformers_names() -> None:
+    trainer = compose([]).trainer
+    assert trainer.train_sampling_strategy == "group_by_length"
+    assert trainer.warmup_steps == pytest.approx(0.1) and trainer.warmup_steps_for(250) == 25  # ceil(250 * 0.1)
+    assert trainer.group_by_length is None and trainer.warmup_ratio is None
+
+
+@pytest.mark.parametrize(
+    "old,new,notice",
+    [
+        (["trainer.group_by_length=true"], {"train_sampling_strategy": "group_by_length"},
+         "trainer.group_by_length is deprecated: use trainer.train_sampling_strategy=group_by_length"),
+        (["trainer.group_by_length=false"], {"train_sampling_strategy": "random"},
+         "trainer.group_by_length is deprecated: use trainer.train_sampling_strategy=random"),
+        (["trainer.warmup_ratio=0.2"], {"warmup_steps": 0.2},
+         "trainer.warmup_ratio is deprecated: use trainer.warmup_steps=0.2"),
+        (["trainer.warmup_ratio=0.2", "trainer.warmup_steps=7"], {"warmup_steps": 7},  # a step count wins, as before
+         "trainer.warmup_ratio is deprecated"),
+    ],
+)
+def test_deprecated_trainer_keys_map_to_today_s_with_one_notice(monkeypatch, caplog, old, new, notice) -> None:
+    import trainer_core.args
+
+    monkeypatch.setattr(trainer_core.args, "_noticed", set())
+    with caplog.at_level("WARNING", logger="trainer_core.args"):
+        cfg = compose(old)
+        compose(old)  # composed again in the same process (the flow does): no second notice
+    assert {key: getattr(cfg.trainer, key) for key in new} == new
+    notices = [r.getMessage() for r in caplog.records if r.name == "trainer_core.args"]
+    assert len(notices) == len({o.split("=")[0] for o in old if "warmup_steps" not in o})
+    assert any(n.startswith("notice: ") and notice in n for n in notices), notices
+    assert all("\n" not in n for n in notices)
+
+
+def test_a_deprecated_key_reads_like_its_new_name_in_the_cache_key() -> None:
+    from stages.batch_plan import BatchGeometry
+
+    old, new = compose(["trainer.group_by_length=true"]), compose(["trainer.train_sampling_strategy=group_by_length"])
+    assert old.trainer == new.trainer
+    assert BatchGeometry.of(old.trainer, old.hardware) == BatchGeometry.of(new.trainer, new.hardware)
 
 
 def test_missing_dataset_path_is_refused() -> None:

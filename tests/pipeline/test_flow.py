@@ -17,10 +17,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.pipeline.helpers import FAST, report, run_cli, write_glue_folder
+from tests.pipeline.helpers import FAST, report
 
 pytestmark = pytest.mark.integration
-STAGES = ["prepare_data", "build_dataloaders", "train", "evaluate", "predict", "register"]
+STAGES = ["prepare_data", "batch_plan", "train", "evaluate", "predict", "register"]
 
 
 def _ok(done: subprocess.CompletedProcess) -> None:
@@ -28,7 +28,7 @@ def _ok(done: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory):
+def first(run_cli, tmp_path_factory):
     """The default task on tiny_bert, ephemeral Prefect (no server), SQLite MLflow under paths.root."""
     root = tmp_path_factory.mktemp("flow")
     started = time.monotonic()
@@ -56,7 +56,7 @@ def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     run = client.get_run(rep["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["trainer.learning_rate"] == "0.001"
+    assert float(run.data.params["trainer.learning_rate"]) == pytest.approx(1e-3)  # params are stored as text
     assert run.data.params["model.name"] == "tiny_bert"
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert loss_steps == [4, 8, 12, 16, 20, 24]  # one point per logging step, step = global step
@@ -75,7 +75,7 @@ def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
     assert file_accuracy == pytest.approx(rep["metrics"]["test_accuracy"])
 
     version = client.get_model_version_by_alias(rep["model_name"], "candidate")
-    assert str(version.version) == rep["model_version"] == "1"
+    assert int(version.version) == int(rep["model_version"]) == 1
     assert version.tags["mlflow_run_id"] == run.info.run_id
     for tag in ("model_fingerprint", "config_hash", "data_fingerprint", "tokenizer_hash", "code_version",
                 "prefect_flow_run_id", "gate.decision"):
@@ -98,7 +98,7 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(first) -> None:
     assert all(r["label"] in ("rotten", "fresh") and 0.5 <= r["score"] <= 1.0 for r in rows)
 
 
-def test_identical_rerun_is_served_from_cache(first) -> None:
+def test_identical_rerun_is_served_from_cache(run_cli, first) -> None:
     root, rep, first_seconds, _ = first
     started = time.monotonic()
     done = run_cli([*FAST, f"paths.root={root}"])
@@ -111,26 +111,26 @@ def test_identical_rerun_is_served_from_cache(first) -> None:
     assert elapsed < 0.7 * first_seconds, (elapsed, first_seconds)
 
 
-def test_changing_only_the_learning_rate_reuses_the_data_stages(first, prefect_server) -> None:
+def test_changing_only_the_learning_rate_reuses_the_data_stages(run_cli, first, prefect_server) -> None:
     root, rep, _, _ = first
     done = run_cli([*FAST, "trainer.learning_rate=2e-3", f"paths.root={root}"], env={"PREFECT_API_URL": prefect_server.url})
     _ok(done)
     changed = report(root)
     assert changed["stages"] == {
-        "prepare_data": "cached", "build_dataloaders": "cached",
+        "prepare_data": "cached", "batch_plan": "cached",
         "train": "ran", "evaluate": "ran", "predict": "ran", "register": "ran",
     }
     assert "train: cache miss (changed: trainer)" in done.stdout + done.stderr
-    assert changed["model_version"] == "2" and changed["mlflow_run_id"] != rep["mlflow_run_id"]
+    assert int(changed["model_version"]) == 2 and changed["mlflow_run_id"] != rep["mlflow_run_id"]
 
 
 @pytest.fixture(scope="module")
-def glue(tmp_path_factory) -> Path:
-    return write_glue_folder(tmp_path_factory.mktemp("data") / "glue")
+def glue(glue_folder) -> Path:
+    return glue_folder()
 
 
 @pytest.mark.parametrize("subset,columns", [("mrpc", ["sentence1", "sentence2"]), ("sst2", ["sentence"])])
-def test_glue_from_a_local_folder_laid_out_like_the_hub(tmp_path, glue, prefect_server, subset, columns) -> None:
+def test_glue_from_a_local_folder_laid_out_like_the_hub(run_cli, tmp_path, glue, prefect_server, subset, columns) -> None:
     done = run_cli(
         [*FAST, "task=glue", f"task.subset={subset}", f"task.dataset_path={glue}", f"paths.root={tmp_path}"],
         env={"PREFECT_API_URL": prefect_server.url},
@@ -148,7 +148,7 @@ def test_glue_from_a_local_folder_laid_out_like_the_hub(tmp_path, glue, prefect_
     (["hardware=ddp_2cpu"], "MULTI_GPU"),  # gloo ranks (stages/launch.py)
     (["hardware=deepspeed_zero2", "hardware.use_cpu=true"], "DEEPSPEED"),  # ZeRO-2 in bf16 on CPU processes
 ])
-def test_two_rank_hardware_really_runs_two_ranks(tmp_path, prefect_server, hardware, launched_as) -> None:
+def test_two_rank_hardware_really_runs_two_ranks(run_cli, tmp_path, prefect_server, hardware, launched_as) -> None:
     done = run_cli(
         [*FAST, *hardware, "trainer.per_device_train_batch_size=8", "trainer.log_level_replica=info",
          f"paths.root={tmp_path}"],

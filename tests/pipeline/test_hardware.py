@@ -8,8 +8,9 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-from flows.config import CONF_DIR, ConfigError, compose
+from flows.config import CONF_DIR, compose
 from stages.launch import accelerate_config, launch_command, preflight, write_accelerate_config
+from stages.schema import ConfigError
 
 HARDWARE = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
 
@@ -43,12 +44,20 @@ def test_cpu_ddp_uses_the_launcher_that_really_starts_two_ranks(tmp_path: Path) 
     # a MULTI_CPU config file (or use_cpu alone) silently gives ranks of world size 1
     assert config["distributed_type"] == "MULTI_GPU" and config["num_processes"] == 2
     _, env = launch_command(cfg.hardware, tmp_path / "a.yaml", ["-m", "trainer_core.run"])
-    assert env["ACCELERATE_USE_CPU"] == "true" and env["OMP_NUM_THREADS"] >= "1"
+    assert env["ACCELERATE_USE_CPU"] == "true" and int(env["OMP_NUM_THREADS"]) >= 1
 
 
 def test_variants_list_only_what_differs_from_their_base() -> None:
-    text = (CONF_DIR / "hardware" / "fsdp_8gpu_offload.yaml").read_text()
-    assert "- fsdp_2gpu" in text and "fsdp_auto_wrap_policy" not in text
+    variant = yaml.safe_load((CONF_DIR / "hardware" / "fsdp_8gpu_offload.yaml").read_text())
+    base = yaml.safe_load((CONF_DIR / "hardware" / "fsdp_2gpu.yaml").read_text())
+    assert "fsdp_2gpu" in variant["defaults"]
+    # only the keys that differ are repeated, and each of them really differs
+    assert set(variant["fsdp_config"]) == {"fsdp_offload_params"}
+    assert all(variant[key] != base.get(key) for key in variant if key not in ("defaults", "fsdp_config"))
+    # composed, the variant still has the base's wrapping policy
+    composed = compose(["hardware=fsdp_8gpu_offload"]).hardware.fsdp_config
+    assert composed["fsdp_auto_wrap_policy"] == base["fsdp_config"]["fsdp_auto_wrap_policy"]
+    assert composed["fsdp_offload_params"] is True
 
 
 def test_multinode_reads_the_topology_from_the_environment(monkeypatch) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.config import RegistryConfig
 from stages.register import CHAMPION, GateDecision, _settle_champion, gate
+from stages.schema import RegistryConfig
 
 NAME = "sentiment"
 DATA = "data-fp"

@@ -20,25 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.helpers import REPO, free_port, wait_http, write_glue_folder
-
-GOOD = [
-    "task=glue",
-    "task.subset=sst2",
-    "model=tiny_bert",
-    "trainer.learning_rate=3e-3",
-    "trainer.max_steps=120",
-    "trainer.per_device_train_batch_size=16",
-    "trainer.logging_steps=20",
-    "trainer.save_steps=120",
-    "trainer.warmup_ratio=0.1",
-    "task.max_train_samples=512",
-    "task.max_eval_samples=128",
-    "task.max_predict_samples=64",
-]
-"""Tiny model on the generated SST-2-like folder: 120 steps reach validation accuracy ~1.0 in a few seconds."""
-MODEL_NAME = "glue-sst2-tiny_bert"
-TRAIN_LIMIT = 2
+from tests.pipeline.helpers import REPO, free_port, wait_http
+from tests.serving.runs import GOOD, TRAIN_LIMIT
 
 
 @dataclass
@@ -48,8 +31,8 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def glue_data(tmp_path_factory) -> Path:
-    return write_glue_folder(tmp_path_factory.mktemp("data") / "glue", rows_per_split=256)
+def glue_data(glue_folder) -> Path:
+    return glue_folder(rows_per_split=256)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +51,7 @@ def mlflow_server(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=180, proc=proc)
+        wait_http(f"http://127.0.0.1:{port}", timeout_s=180, proc=proc)
         yield MlflowServer(f"http://127.0.0.1:{port}", root)
     finally:
         _stop(proc)
@@ -94,6 +77,13 @@ def prefect_client(api_url: str, home: Path):
     with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
         with get_client(sync_client=True) as client:
             yield client
+
+
+@pytest.fixture
+def served_client(served):
+    """A sync Prefect client on the server that `served` serves from."""
+    with prefect_client(served.api_url, served.home) as client:
+        yield client
 
 
 @dataclass
@@ -148,10 +138,3 @@ def champion_run(served, mlflow_server, glue_data):
         f"{flow_run.state}\n{served.log.read_text()[-4000:]}"
     )
     return flow_run
-
-
-def run_module(module: str, *args: str, env: dict[str, str] | None = None, timeout: int = 300):
-    """`python -m <module> <args>` from the repository root, as a user runs it."""
-    full_env = {**os.environ, "MLFLOW_TRACKING_URI": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)

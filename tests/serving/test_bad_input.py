@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 
 from flows import predict, registry
-from flows.predict import text_columns
+from flows.predict import input_columns
 from flows.registry import RegistryError, parse_model_uri, previous_champion
-from tests.pipeline.helpers import free_port
-from tests.serving.conftest import run_module
+from stages.launch import free_port
 
 
 def _in_process(main, args: list[str], monkeypatch, capsys) -> subprocess.CompletedProcess:
@@ -60,7 +59,7 @@ def test_registry_unknown_alias(store: str, monkeypatch, capsys) -> None:
     _fails_cleanly(done, 1, "no champion to roll back")
 
 
-def test_registry_uri_that_does_not_answer_fails_fast() -> None:
+def test_registry_uri_that_does_not_answer_fails_fast(run_module) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     done = run_module("flows.registry", "--tracking-uri", uri, "list")
@@ -68,19 +67,19 @@ def test_registry_uri_that_does_not_answer_fails_fast() -> None:
     assert time.monotonic() - started < 30
 
 
-def test_registry_without_a_store(tmp_path: Path) -> None:
+def test_registry_without_a_store(run_module, tmp_path: Path) -> None:
     done = run_module("flows.registry", "--root", str(tmp_path), "list")
     _fails_cleanly(done, 1, "no MLflow store", str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # a read command creates no database
 
 
-def test_registry_honours_mlflow_tracking_uri(store: str) -> None:
+def test_registry_honours_mlflow_tracking_uri(run_module, store: str) -> None:
     done = run_module("flows.registry", "list", env={"MLFLOW_TRACKING_URI": store})
     assert done.returncode == 0, done.stderr
     assert "known-model" in done.stdout
 
 
-def test_predict_missing_input_file(store: str, tmp_path: Path) -> None:
+def test_predict_missing_input_file(run_module, store: str, tmp_path: Path) -> None:
     output = tmp_path / "out.jsonl"
     done = run_module("flows.predict", "model=models:/known-model@champion", f"input={tmp_path / 'nope.jsonl'}",
                       f"output={output}", f"tracking_uri={store}")
@@ -105,7 +104,7 @@ def test_predict_unknown_model_writes_nothing(store: str, tmp_path: Path, model:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
-def test_predict_registry_that_does_not_answer(tmp_path: Path) -> None:
+def test_predict_registry_that_does_not_answer(run_module, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text('{"text": "fine."}\n')
     output = tmp_path / "out.jsonl"
@@ -124,23 +123,23 @@ def test_predict_registry_that_does_not_answer(tmp_path: Path) -> None:
      (["model=models:/m@champion", "input=a.csv", "output=b.csv", "batch_size=0"], "batch_size='0'"),
      (["modle=models:/m@champion"], "unexpected argument 'modle=")],
 )
-def test_predict_bad_arguments(tmp_path: Path, args: list[str], needle: str) -> None:
+def test_predict_bad_arguments(run_module, tmp_path: Path, args: list[str], needle: str) -> None:
     _fails_cleanly(run_module("flows.predict", *args), 2, needle)
 
 
 def test_pair_model_needs_both_columns() -> None:
     pairs = ["sentence1", "sentence2"]
-    assert text_columns(pd.DataFrame({"sentence1": ["a"], "sentence2": ["b"], "id": [1]}), pairs) == pairs
+    assert input_columns(pd.DataFrame({"sentence1": ["a"], "sentence2": ["b"], "id": [1]}), pairs) == pairs
     with pytest.raises(RegistryError, match=r"no column 'sentence2': this model reads sentence1, sentence2"):
-        text_columns(pd.DataFrame({"sentence1": ["a"], "text": ["b"]}), pairs)
+        input_columns(pd.DataFrame({"sentence1": ["a"], "text": ["b"]}), pairs)
 
 
 def test_single_text_model_takes_its_column_then_text_then_the_only_column() -> None:
-    assert text_columns(pd.DataFrame({"sentence": ["a"], "text": ["b"]}), ["sentence"]) == ["sentence"]
-    assert text_columns(pd.DataFrame({"id": [1], "text": ["b"]}), ["sentence"]) == ["text"]
-    assert text_columns(pd.DataFrame({"review": ["b"]}), ["sentence"]) == ["review"]
+    assert input_columns(pd.DataFrame({"sentence": ["a"], "text": ["b"]}), ["sentence"]) == ["sentence"]
+    assert input_columns(pd.DataFrame({"id": [1], "text": ["b"]}), ["sentence"]) == ["text"]
+    assert input_columns(pd.DataFrame({"review": ["b"]}), ["sentence"]) == ["review"]
     with pytest.raises(RegistryError, match="rename the text column to 'text'"):
-        text_columns(pd.DataFrame({"a": ["x"], "b": ["y"]}), ["sentence"])
+        input_columns(pd.DataFrame({"a": ["x"], "b": ["y"]}), ["sentence"])
 
 
 def test_model_uri_and_rollback_chain() -> None:
@@ -158,7 +157,7 @@ def test_model_uri_and_rollback_chain() -> None:
     assert previous_champion(Version("2", {"gate.decision": "not_promoted"})) is None
 
 
-def test_serve_refuses_without_a_prefect_api(tmp_path: Path) -> None:
+def test_serve_refuses_without_a_prefect_api(run_module, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/api"
     started = time.monotonic()
     done = run_module("flows.serve", "--root", str(tmp_path / "state"), "--api-url", url)

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.pipeline.helpers import REPO, _sentence, report
-from tests.serving.conftest import GOOD, MODEL_NAME, run_module
+from tests.pipeline.helpers import REPO, report, sentence
+from tests.serving.runs import GOOD, MODEL_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def _labelled_rows(count: int, seed: int = 7) -> list[dict]:
     rows = []
     for _ in range(count):
         positive = rng.random() < 0.5
-        rows.append({"sentence": _sentence(rng, positive), "expected": "positive" if positive else "negative"})
+        rows.append({"sentence": sentence(rng, positive), "expected": "positive" if positive else "negative"})
     return rows
 
 
@@ -48,7 +48,7 @@ def test_flow_logs_and_registers_through_http(champion_run, mlflow_server) -> No
     assert list((mlflow_server.root / "artifacts").rglob("MLmodel"))
 
 
-def test_fresh_process_predicts_by_alias(champion_run, mlflow_server, tmp_path: Path) -> None:
+def test_fresh_process_predicts_by_alias(run_module, champion_run, mlflow_server, tmp_path: Path) -> None:
     rows = _labelled_rows(40)
     source = tmp_path / "reviews.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -65,7 +65,7 @@ def test_fresh_process_predicts_by_alias(champion_run, mlflow_server, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.jsonl", "scored.csv"]  # no temp file left
 
 
-def test_predict_reads_a_text_column_from_csv_and_writes_jsonl(champion_run, mlflow_server, tmp_path: Path) -> None:
+def test_predict_reads_a_text_column_from_csv_and_writes_jsonl(run_module, champion_run, mlflow_server, tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     pd.DataFrame({"id": [1, 2], "text": ["the film was great and superb.", "the plot was dull and awful."]}).to_csv(
         source, index=False)
@@ -124,7 +124,7 @@ def test_weaker_model_does_not_take_champion(concurrent_runs, mlflow_server) -> 
     assert "worse than champion" in weak.tags["gate.reason"] or "other data" in weak.tags["gate.reason"]
 
 
-def test_promote_and_rollback_move_champion(concurrent_runs, mlflow_server) -> None:
+def test_promote_and_rollback_move_champion(run_module, concurrent_runs, mlflow_server) -> None:
     client = _client(mlflow_server)
     weak = concurrent_runs["weak"]["model_version"]
     before = client.get_registered_model(MODEL_NAME).aliases["champion"]
@@ -161,7 +161,7 @@ def _fails_cleanly(done: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_unknown_model_or_alias_on_the_server(champion_run, mlflow_server, tmp_path: Path) -> None:
+def test_unknown_model_or_alias_on_the_server(run_module, champion_run, mlflow_server, tmp_path: Path) -> None:
     uri = ["--tracking-uri", mlflow_server.url]
     _fails_cleanly(run_module("flows.registry", *uri, "show", "no-such-model"), "no registered model", MODEL_NAME)
     _fails_cleanly(run_module("flows.registry", *uri, "show", MODEL_NAME, "staging"), "no alias 'staging'")
@@ -177,7 +177,7 @@ def test_unknown_model_or_alias_on_the_server(champion_run, mlflow_server, tmp_p
     assert not output.exists()
 
 
-def test_predict_input_without_the_model_column(champion_run, mlflow_server, tmp_path: Path) -> None:
+def test_predict_input_without_the_model_column(run_module, champion_run, mlflow_server, tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     pd.DataFrame({"review": ["great."], "stars": ["5"]}).to_csv(source, index=False)
     output = tmp_path / "out.csv"

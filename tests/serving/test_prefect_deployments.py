@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serving.conftest import MODEL_NAME, TRAIN_LIMIT, prefect_client
+from tests.serving.runs import MODEL_NAME, TRAIN_LIMIT
 
 pytestmark = pytest.mark.integration
 
 
-def test_deployments_are_registered_with_schedule_and_overrides(served) -> None:
-    with prefect_client(served.api_url, served.home) as client:
-        nightly = client.read_deployment_by_name("finetune/nightly-glue")
-        default = client.read_deployment_by_name("finetune/default")
+def test_deployments_are_registered_with_schedule_and_overrides(served_client) -> None:
+    nightly = served_client.read_deployment_by_name("finetune/nightly-glue")
+    default = served_client.read_deployment_by_name("finetune/default")
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.schedules[0].schedule.timezone == "UTC" and nightly.schedules[0].active
     assert nightly.parameters == {"overrides": ["task=glue"]}
@@ -23,13 +22,12 @@ def test_deployments_are_registered_with_schedule_and_overrides(served) -> None:
     assert default.parameter_openapi_schema["properties"]["overrides"]["anyOf"][0]["type"] == "array"
 
 
-def test_train_concurrency_limit_is_set_by_serve(served) -> None:
-    with prefect_client(served.api_url, served.home) as client:
-        limit = client.read_concurrency_limit_by_tag("finetune-train")
+def test_train_concurrency_limit_is_set_by_serve(served_client) -> None:
+    limit = served_client.read_concurrency_limit_by_tag("finetune-train")
     assert limit.concurrency_limit == TRAIN_LIMIT
 
 
-def test_triggered_run_completes_and_publishes_its_report(served, champion_run) -> None:
+def test_triggered_run_completes_and_publishes_its_report(served_client, champion_run) -> None:
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
@@ -38,12 +36,11 @@ def test_triggered_run_completes_and_publishes_its_report(served, champion_run) 
         FlowRunFilterId,
     )
 
-    with prefect_client(served.api_url, served.home) as client:
-        flow_run = client.read_flow_run(champion_run.id)
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["finetune-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
-        ))
+    flow_run = served_client.read_flow_run(champion_run.id)
+    task_runs = served_client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    artifacts = served_client.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=["finetune-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
+    ))
     assert flow_run.state.is_completed()
     assert flow_run.parameters["overrides"][0] == "task=glue"
     # the train task of this run carried the concurrency tag

