@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from flows.config import PathsConfig
 from stages.caching import begin_stage, cache_key_fn, stage_logger
 from stages.inference import by_length, inference_trainer
 from stages.refs import DatasetRef, MetricsRef, ModelRef, file_sha256, write_json_atomic
+from stages.schema import PathsConfig
 
 NAME = "evaluate"
 CODE = ("stages.evaluate", "trainer_core")
@@ -22,7 +22,7 @@ def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig) -> MetricsRe
     out = begin_stage(NAME, {"model": model, "data": data, "paths": paths}, CODE)
     trainer = inference_trainer(model, data, out)
     try:
-        validation, _ = by_length(datasets.load_from_disk(data.dataset_dir)[SPLIT])  # metrics ignore row order
+        validation, _ = by_length(datasets.load_from_disk(data.dataset_dir)[SPLIT], trainer.task)  # metrics ignore row order
         raw = trainer.evaluate(validation, metric_key_prefix="eval")
     finally:
         trainer.cleanup()

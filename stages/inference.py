@@ -23,7 +23,10 @@ def inference_trainer(model: ModelRef, data: DatasetRef, out_dir: Path) -> Any:
     return build_trainer(spec, model_dir=model.path, with_train=False)
 
 
-def by_length(dataset: Any) -> tuple[Any, np.ndarray]:
-    """The rows sorted by length (far less padding per batch) and the permutation that restores their order."""
-    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+def by_length(dataset: Any, family: Any) -> tuple[Any, np.ndarray]:
+    """The rows sorted by length (far less padding per batch) and the permutation that restores their order.
+
+    Inputs without a length (images) keep their order."""
+    lengths = family.lengths(dataset)
+    order = np.arange(len(dataset)) if lengths is None else np.argsort(lengths, kind="stable")
     return dataset.select(order), np.argsort(order)

