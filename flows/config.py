@@ -59,7 +59,8 @@ def _register_schemas() -> None:
 
 @functools.cache
 def glue_subsets() -> dict[str, dict[str, Any]]:
-    """{subset: {text_column, text_pair_column, num_labels, label_names, metrics, validation_split, test_split}}."""
+    """{subset: {text_column, text_pair_column, num_labels, label_names, metrics, validation_split, test_split,
+    extra_validation_splits}}."""
     import yaml
 
     table = yaml.safe_load(GLUE_TABLE.read_text())

@@ -16,17 +16,24 @@ SPLIT = "validation"
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
 def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig) -> MetricsRef:
-    """Loss and task metrics of `model` on the validation split of `data`."""
+    """Loss and task metrics of `model` on the validation split of `data` (and on each extra validation split,
+    as <name>_<metric>)."""
     import datasets
 
     out = begin_stage(NAME, {"model": model, "data": data, "paths": paths}, CODE)
     trainer = inference_trainer(model, data, out)
+    splits = datasets.load_from_disk(data.dataset_dir)
+    metrics: dict[str, float] = {}
     try:
-        validation, _ = by_length(datasets.load_from_disk(data.dataset_dir)[SPLIT], trainer.task)  # metrics ignore row order
-        raw = trainer.evaluate(validation, metric_key_prefix="eval")
+        # validation, then the named extra splits (validation_<name>: MNLI's matched / mismatched)
+        for split in [SPLIT, *sorted(s for s in splits if s.startswith(f"{SPLIT}_"))]:
+            rows, _ = by_length(splits[split], trainer.task)  # metrics ignore row order
+            prefix = split.removeprefix(SPLIT).lstrip("_")
+            for key, value in trainer.evaluate(rows, metric_key_prefix="eval").items():
+                name = key.removeprefix("eval_")
+                metrics[f"{prefix}_{name}" if prefix else name] = float(value)
     finally:
         trainer.cleanup()
-    metrics = {key.removeprefix("eval_"): float(value) for key, value in raw.items()}
     write_json_atomic(out / "metrics.json", {"split": SPLIT, "metrics": metrics, "model": model.fingerprint})
     ref = MetricsRef(
         path=str(out / "metrics.json"),

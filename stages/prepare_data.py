@@ -38,7 +38,8 @@ def prepare_data(task: TaskConfig, model: ModelConfig, paths: PathsConfig) -> Da
     log = stage_logger()
     raw = load_raw(task, paths.root)
     raw["train"] = _limit(raw["train"], task.max_train_samples)
-    raw["validation"] = _limit(raw["validation"], task.max_eval_samples)
+    for split in [s for s in raw if s.startswith("validation")]:  # validation and validation_<name>
+        raw[split] = _limit(raw[split], task.max_eval_samples)
     raw["test"] = _limit(raw["test"], task.max_predict_samples)
     family = get_task(task.family)(task.spec())
     tokenizer = build_tokenizer(model, family, raw["train"])

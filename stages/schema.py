@@ -65,6 +65,8 @@ class TaskConfig:
     train_split: str = "train"
     validation_split: str = "validation"
     test_split: str = "test"
+    extra_validation_splits: dict[str, str] = field(default_factory=dict)
+    """More evaluation splits, reported as validation_<name>_<metric> (MNLI: matched, mismatched)."""
     test_has_labels: bool = True
     """GLUE test labels are -1: predict, don't score."""
     max_seq_length: int = 128

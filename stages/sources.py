@@ -68,8 +68,11 @@ def _load_hf(task: TaskConfig, cache_dir: Path):
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         key = "task.dataset_path" if task.dataset_path else "task.dataset"
         raise ConfigError(f"{key}={source!r} (subset {task.subset!r}) could not be loaded: {exc}") from None
-    wanted = {"train": task.train_split, "validation": task.validation_split, "test": task.test_split}
-    missing = [f"task.{name}_split={split!r}" for name, split in wanted.items() if split not in raw]
+    wanted = {"train": task.train_split, "validation": task.validation_split, "test": task.test_split,
+              **{f"validation_{name}": split for name, split in task.extra_validation_splits.items()}}
+    missing = [f"task.{name}_split={split!r}" if not name.startswith("validation_") else
+               f"task.extra_validation_splits.{name.removeprefix('validation_')}={split!r}"
+               for name, split in wanted.items() if split not in raw]
     if missing:
         raise ConfigError(
             f"{', '.join(missing)}: no such split in {source} (splits: {', '.join(raw)}). Set it to one of them."
@@ -146,7 +149,7 @@ def _load_digits(task: TaskConfig, root):
         return _load_hf(task, Path(root) / "hf-datasets")
     digits = load_digits()
     rows: dict[str, dict[str, list]] = {name: {"image": [], "label": []} for name in SPLITS}
-    for n, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+    for n, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
         split = "validation" if n % 10 == 8 else "test" if n % 10 == 9 else "train"
         buffer = io.BytesIO()
         Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L").save(buffer, format="PNG")
@@ -179,7 +182,7 @@ def _check(raw, task: TaskConfig) -> None:
     """The task family checks the raw splits against the config: columns present, labels valid."""
     from trainer_core.tasks import get_task
 
-    scored = ("train", "validation", "test") if task.test_has_labels else ("train", "validation")
+    scored = tuple(s for s in raw if s != "test" or task.test_has_labels)
     errors = get_task(task.family)(task.spec()).check_raw(raw, scored)
     if errors:
         raise ConfigError("The dataset does not match the task config:\n - " + "\n - ".join(errors))
