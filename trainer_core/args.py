@@ -93,7 +93,7 @@ class TrainingArguments:
     predict_with_generate: bool | None = None
     """Evaluate and predict with `generate` (seq2seq, causal_lm). None: the task family's default."""
     generation_max_length: int | None = None
-    """max_length of generate during evaluation (None: the family's / model's generation config)."""
+    """Tokens generated per example at evaluation (generate's max_new_tokens; None: the family's default)."""
     generation_num_beams: int | None = None
     generation_config: dict[str, Any] | None = None
     """Further GenerationConfig fields for evaluation, e.g. {no_repeat_ngram_size: 3}."""
