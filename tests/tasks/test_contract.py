@@ -100,3 +100,15 @@ def test_first_subtoken_alignment_and_label_all_tokens():
         assert labels[0] == -100 and labels[-1] == -100  # [CLS], [SEP]
         assert labels[[i for i, w in enumerate(word_ids) if w == 0]].tolist() == expected_first_word
         assert labels[[i for i, w in enumerate(word_ids) if w == 1]].tolist() == [0]
+
+
+def test_family_and_options_are_checked_when_the_config_is_composed():
+    from flows.config import compose
+    from stages.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task.family='text_clasification': use one of .*text_classification"):
+        compose(["task.family=text_clasification"])
+    with pytest.raises(ConfigError, match=r"task.options.label_all_token: not an option .*label_all_tokens"):
+        compose(["task=conll2003", "model=tiny_bert", "+task.options.label_all_token=true"])
+    cfg = compose(["task=conll2003", "model=tiny_bert", "+task.options.label_all_tokens=true"])
+    assert cfg.task.spec().options == {"label_all_tokens": True}
