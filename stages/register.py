@@ -9,6 +9,7 @@ weights again reuses their version (looked up by the weights' SHA-256).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -59,10 +60,12 @@ def gate(mlflow_client, registry: RegistryConfig, metrics: dict[str, float], dat
     value = metrics.get(metric)
 
     def reaches(a: float, b: float) -> bool:  # ties reach: a version as good as the champion may replace it
-        return a == b or is_better(a, b, registry.greater_is_better)
+        return a == b or is_better(a, b, registry.higher_is_better())
 
     if value is None:
         return GateDecision(False, f"no validation metric {metric!r}", None)
+    if not math.isfinite(value):  # a diverged model scores nan; inf would beat any threshold
+        return GateDecision(False, f"{metric}={value} is not finite: a champion needs a finite {metric}", value)
     if not reaches(value, registry.champion_threshold):
         return GateDecision(False, f"{metric}={value:.4f} misses the threshold {registry.champion_threshold}", value)
     try:
@@ -100,7 +103,7 @@ def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDeci
     ]
     if len(racers) < 2:
         return
-    sign = 1.0 if registry.greater_is_better else -1.0
+    sign = 1.0 if registry.higher_is_better() else -1.0
     # ties go to the first registered: what a sequential run would have kept
     best = max(racers, key=lambda v: (sign * float(v.tags.get("gate.value", "nan")), -int(v.version)))
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(best.version))

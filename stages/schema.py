@@ -147,6 +147,10 @@ class RegistryConfig:
     greater_is_better: bool | None = None
     """Direction of champion_metric; None: the task family's (perplexity: lower is better, most: higher)."""
 
+    def higher_is_better(self) -> bool:
+        """The direction the gate compares in (compose fills greater_is_better from the task family)."""
+        return self.greater_is_better is not False
+
 
 @dataclass
 class PathsConfig:
