@@ -174,15 +174,11 @@ class TokenClassification(TaskFamily):
         return {**super().serving_meta(), "label_names": self.tag_names()}
 
     def serving_schema(self) -> dict[str, list]:
-        # tags and entities as JSON text: one string column each keeps the signature plain
-        return {"inputs": [["string", self.column("tokens")]], "outputs": [["string", "tags"], ["string", "entities"]],
-                "params": []}
+        # one unnamed text column (callers pass raw sentences); tags and entities as JSON text
+        return {"inputs": [["string", None]], "outputs": [["string", "tags"], ["string", "entities"]], "params": []}
 
     def input_example(self, raw_split: Any) -> Any:
-        import pandas as pd
-
-        column = self.column("tokens")
-        return pd.DataFrame({column: [" ".join(words) for words in raw_split[column][:2]]})
+        return [" ".join(words) for words in raw_split[self.column("tokens")][:2]]
 
     def load_for_serving(self, folder: str) -> tuple[Any, Any]:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
