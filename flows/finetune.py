@@ -23,13 +23,35 @@ from trainer_core.files import write_json_atomic
 
 
 def preflight(cfg: FinetuneConfig) -> None:
-    """Checks that need more than the config itself: the data, the model's files, the hardware."""
+    """Checks that need more than the config itself: the servers, the data, the model's files, the hardware."""
     from stages.launch import preflight as hardware_preflight
     from stages.sources import load_raw
 
+    servers_preflight(cfg)
     hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision)
     family_preflight(cfg)
     load_raw(cfg.task, cfg.paths.root)
+
+
+def servers_preflight(cfg: FinetuneConfig) -> None:
+    """An http(s) tracking.uri and a set PREFECT_API_URL must answer now: MLflow's client and Prefect's would
+    otherwise retry with back-off for minutes before the first stage fails."""
+    import os
+
+    from stages.health import probe
+
+    uri = cfg.tracking.uri or ""
+    if uri.startswith(("http://", "https://")) and (problem := probe(uri)):
+        raise ConfigError(
+            f"tracking.uri={uri}: the MLflow server does not answer ({problem}). Start it (`mlflow server --host "
+            "127.0.0.1 --port 5000`) or drop tracking.uri to use the local store under paths.root."
+        )
+    api_url = os.environ.get("PREFECT_API_URL", "")
+    if api_url.startswith(("http://", "https://")) and (problem := probe(api_url)):
+        raise ConfigError(
+            f"PREFECT_API_URL={api_url}: the Prefect API does not answer ({problem}). Start it (`prefect server "
+            "start --host 127.0.0.1`) or unset PREFECT_API_URL to run on a temporary local API."
+        )
 
 
 def family_preflight(cfg: FinetuneConfig) -> None:

@@ -23,7 +23,7 @@ from stages.predict import predict
 from stages.prepare_data import prepare_data
 from stages.register import register
 from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
-from stages.train import train
+from stages.train import should_retry, train
 
 
 def _run(stage, *args: Any, report: dict[str, str], **kwargs: Any) -> Any:
@@ -34,7 +34,9 @@ def _run(stage, *args: Any, report: dict[str, str], **kwargs: Any) -> Any:
     return result
 
 
-@flow(name="finetune", log_prints=True)
+# No log_prints: `datasets` fingerprints map functions with dill, whose `dis.dis` output goes through print and
+# would land in the log as bytecode. The flow and its stages log through their loggers.
+@flow(name="finetune")
 def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate, predict and register, as configured by conf/ plus these Hydra overrides."""
     started = time.monotonic()
@@ -45,7 +47,8 @@ def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
     try:
         data = _run(prepare_data, cfg.task, cfg.model, cfg.paths, report=stages)
         plan = _run(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
-        trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds)
+        trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds,
+                                     retry_condition_fn=should_retry)  # a divergence would only diverge again
         model = _run(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, report=stages)
         metrics = _run(evaluate, model, data, cfg.paths, report=stages)
         predictions = _run(predict, model, data, cfg.task.test_has_labels, cfg.paths, report=stages)

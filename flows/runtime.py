@@ -19,7 +19,8 @@ def configure(root: str | Path) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The first start in a new home runs the DB migrations: Prefect's 20 s default is too tight on 2 cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        # print stays print: dill's bytecode dumps (datasets' fingerprinting) must not become log records
+        "PREFECT_LOGGING_LOG_PRINTS": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",

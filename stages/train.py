@@ -23,7 +23,7 @@ from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
 from stages.schema import HardwareConfig, ModelConfig, PathsConfig, TaskConfig, stable_hash
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
-from trainer_core.spec import ModelSpec, RunSpec
+from trainer_core.spec import DIVERGED, ModelSpec, RunSpec
 
 NAME = "train"
 CODE = ("stages.train", "trainer_core")
@@ -34,6 +34,22 @@ CONCURRENCY_TAG = "finetune-train"
 
 class TrainingFailed(RuntimeError):
     pass
+
+
+class TrainingDiverged(TrainingFailed):
+    """The ranks stopped at a NaN/inf loss or gradient norm (trainer.stop_on_nonfinite): a retry would diverge
+    again, so the flow does not retry it (see `should_retry`)."""
+
+
+def should_retry(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn of the train stage: retry anything but a divergence."""
+    try:
+        state.result()
+    except TrainingDiverged:
+        return False
+    except BaseException:  # noqa: BLE001 - any other failure: retry, the relaunch resumes
+        return True
+    return True
 
 
 def build_spec(
@@ -100,13 +116,15 @@ def model_ref(run_dir: Path) -> ModelRef | None:
     )
 
 
-def _stream(proc: subprocess.Popen, logger, tail: deque) -> None:
+def _stream(proc: subprocess.Popen, logger, tail: deque, diverged: list[str]) -> None:
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.rstrip("\n").split("\r")[-1].rstrip()  # keep the last frame of a progress bar
         if line:
             tail.append(line)
             logger.info(line)
+            if DIVERGED in line:
+                diverged.append(line[line.index(DIVERGED):])
 
 
 @task(
@@ -157,12 +175,13 @@ def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, ship
     cmd, env = launch_command(hardware, config_file, ["-m", "trainer_core.run", "--spec", str(run_dir / "spec.json")])
     logger.info("train: %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=20)
+    diverged: list[str] = []
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True,  # its own process group: we can stop every rank at once
     )
     (run_dir / "launcher.pid").write_text(str(proc.pid))
-    reader = threading.Thread(target=_stream, args=(proc, logger, tail), daemon=True)
+    reader = threading.Thread(target=_stream, args=(proc, logger, tail, diverged), daemon=True)
     reader.start()
     try:
         while proc.poll() is None:
@@ -177,6 +196,8 @@ def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, ship
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         reader.join(timeout=10)
+    if proc.returncode != 0 and diverged:
+        raise TrainingDiverged(f"{diverged[0]} [train: accelerate launch exited with code {proc.returncode}]")
     if proc.returncode != 0:
         raise TrainingFailed(
             f"train: accelerate launch exited with code {proc.returncode}; last lines:\n" + "\n".join(tail)

@@ -62,6 +62,10 @@ class TrainingArguments:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    stop_on_nonfinite: bool = True
+    """Stop at the first optimizer step whose loss or gradient norm is NaN or inf (all ranks at once, one error
+    naming the step). False: keep going like transformers.Trainer. An fp16 step that the grad scaler skips for an
+    overflow is not a divergence."""
     lr_scheduler_type: str = "linear"
     """One of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."""
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -19,6 +19,8 @@ from typing import Any
 from trainer_core.spec import RunSpec
 
 logger = logging.getLogger("trainer_core")
+DIVERGED_EXIT_CODE = 3
+"""Exit code of a run stopped by trainer.stop_on_nonfinite (a retry would only diverge again)."""
 
 
 def _load_tokenizer(tokenizer_dir: str | None) -> Any:
@@ -43,11 +45,12 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     from accelerate.utils import parse_flag_from_env
     from transformers import set_seed
 
-    from trainer_core import zero
+    from trainer_core import load_report, zero
     from trainer_core.data import BatchPlan
     from trainer_core.tasks import get_task
     from trainer_core.trainer import Trainer
 
+    load_report.one_line()  # transformers' multi-line LOAD REPORT table, once per rank, becomes one line
     task = get_task(spec.task.family)(spec.task)
     # cpu= as Accelerator itself reads it: a bare PartialState() does not join the gloo group on CPU, and the
     # Accelerator built later would inherit that single-process state
@@ -112,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     if _already_complete(spec):
         return 0
     trainer = build_trainer(spec)
+    from trainer_core.trainer import TrainingDiverged
+
     try:
         result = trainer.train()
         trainer.save_final()
         logger.info("Training done: global_step=%d training_loss=%.6f", result.global_step, result.training_loss)
+    except TrainingDiverged as exc:
+        # every rank stops at the same step; one line is enough (no traceback: nothing here is a bug)
+        if trainer.accelerator.is_main_process:
+            logger.error("%s", exc)
+        return DIVERGED_EXIT_CODE
     finally:
         trainer.cleanup()
     return 0

@@ -15,6 +15,9 @@ from typing import Any
 
 from trainer_core.args import TrainingArguments
 
+DIVERGED = "training diverged:"
+"""Start of the ranks' one-line error when trainer.stop_on_nonfinite stops a run; the train stage looks for it."""
+
 
 @dataclass
 class TaskSpec:

@@ -52,7 +52,7 @@ from trainer_core.metrics import is_better
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.optim import config_errors as optimizer_config_errors
 from trainer_core.precision import PRECISIONS, precision_problem
-from trainer_core.spec import TaskSpec
+from trainer_core.spec import DIVERGED, TaskSpec
 from trainer_core.strategies import make_strategy
 from trainer_core.tasks.base import TaskFamily
 
@@ -61,6 +61,10 @@ GENERATION_KEYS = ("predict_with_generate", "generation_max_length", "generation
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
            "critical": logging.CRITICAL}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf (trainer.stop_on_nonfinite)."""
 
 
 class TrainOutput(NamedTuple):
@@ -365,6 +369,8 @@ class Trainer:
                 grad_norm, local_loss = self.training_step(model, optimizer, step, batches)
                 # each rank holds its share of the window's losses: their sum is the mean loss per item
                 step_loss = float(acc.reduce(local_loss, reduction="sum"))
+                if args.stop_on_nonfinite:
+                    self._check_finite(step + 1, step_loss, grad_norm)
                 state.train_loss_sum += step_loss
                 state.window_loss_sum += step_loss
                 state.global_step = step + 1
@@ -398,6 +404,30 @@ class Trainer:
         self.control = self._fire("on_train_end")
         self.train_output = TrainOutput(state.global_step, training_loss, metrics)
         return self.train_output
+
+    def _check_finite(self, global_step: int, step_loss: float, grad_norm: float) -> None:
+        """Raise TrainingDiverged at the first NaN/inf loss or gradient norm.
+
+        Every rank decides the same without a further collective: the step loss was just reduced over the ranks,
+        and the gradient norm is that of the synchronised gradients (over all shards), so all ranks raise at the
+        same step and none is left waiting in a collective. Plain float checks: the numbers are not touched.
+        """
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            return
+        if self.accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skipped an overflow, lowers its scale
+            return
+        args = self.args
+        precision = {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision)
+        clip = f"trainer.max_grad_norm={args.max_grad_norm:g}" + (" (no clipping)" if args.max_grad_norm <= 0 else "")
+        hints = [f"lower trainer.learning_rate (now {args.learning_rate:g})",
+                 "set trainer.max_grad_norm=1.0" if args.max_grad_norm <= 0 else "lower trainer.max_grad_norm"]
+        if args.mixed_precision != "no":
+            hints.append("train in fp32 (trainer.mixed_precision=no)")
+        raise TrainingDiverged(
+            f"{DIVERGED} loss={step_loss} grad_norm={grad_norm} at step {global_step} (learning rate "
+            f"{getattr(self, '_step_learning_rate', args.learning_rate):.3g}, {precision}, {clip}); try: "
+            + "; ".join(hints) + " (trainer.stop_on_nonfinite=false trains on regardless)"
+        )
 
     def training_step(self, model: torch.nn.Module, optimizer: Any, step: int, batches: Any
                       ) -> tuple[float, torch.Tensor]:
