@@ -112,3 +112,15 @@ def test_family_and_options_are_checked_when_the_config_is_composed():
         compose(["task=conll2003", "model=tiny_bert", "+task.options.label_all_token=true"])
     cfg = compose(["task=conll2003", "model=tiny_bert", "+task.options.label_all_tokens=true"])
     assert cfg.task.spec().options == {"label_all_tokens": True}
+
+
+def test_training_arguments_a_family_cannot_use_are_refused_by_name():
+    from trainer_core.args import TrainingArguments
+
+    (error,) = get_task("text_classification").training_errors(TrainingArguments(predict_with_generate=True))
+    assert error.startswith("trainer.predict_with_generate=true: task.family=text_classification does not generate")
+    assert get_task("seq2seq").training_errors(TrainingArguments(predict_with_generate=True)) == []
+    errors = get_task("image_classification").training_errors(
+        TrainingArguments(train_sampling_strategy="group_by_length", neftune_noise_alpha=5.0))
+    assert [e.split("=")[0].split(":")[0] for e in errors] == ["trainer.train_sampling_strategy",
+                                                              "trainer.neftune_noise_alpha"]
