@@ -121,3 +121,17 @@ def as_model_config(model: Any) -> Any:
     if (Path(model.name_or_path) / "config.json").is_file():
         return AutoConfig.from_pretrained(model.name_or_path, **overrides)
     return None
+
+
+def token_loss_per_example(logits: Any, labels: Any, label_smoothing: float = 0.0) -> Any:
+    """Cross-entropy summed over each example's labelled tokens [B] (-100 ignored): tagging, masked LM, seq2seq."""
+    import torch.nn.functional as F
+
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), labels.long(), reduction="none",
+                                ignore_index=-100, label_smoothing=label_smoothing)
+    return per_token.sum(dim=1)
+
+
+def count_label_tokens(targets: dict[str, Any]) -> Any:
+    """Labelled tokens of each example [B]: the items its loss is summed over."""
+    return targets["labels"].ne(-100).sum(dim=1)

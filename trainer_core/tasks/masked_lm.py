@@ -167,17 +167,10 @@ class MaskedLM(TaskFamily):
         return collate
 
     # --- training ------------------------------------------------------------------------------
-    @staticmethod
-    def loss_per_example(logits: Any, labels: Any, label_smoothing: float = 0.0) -> Any:
-        """Cross-entropy summed over each block's masked tokens."""
-        import torch.nn.functional as F
-
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), labels.long(), reduction="none",
-                                    ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
-        return per_token.sum(dim=1)
+    loss_per_example = staticmethod(_common.token_loss_per_example)
 
     def count_items(self, targets: dict[str, Any]) -> Any:
-        return targets["labels"].ne(IGNORE_INDEX).sum(dim=1)
+        return _common.count_label_tokens(targets)
 
     # --- evaluation ----------------------------------------------------------------------------
     def eval_step(self, model: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> EvalStep:

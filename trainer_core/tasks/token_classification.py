@@ -107,19 +107,10 @@ class TokenClassification(TaskFamily):
         return _common.pad_collator(tokenizer, label_pad=IGNORE_INDEX)
 
     # --- training ------------------------------------------------------------------------------
-    @staticmethod
-    def loss_per_example(logits: Any, labels: Any, label_smoothing: float = 0.0) -> Any:
-        """Cross-entropy summed over each example's labelled tokens."""
-        import torch.nn.functional as F
-
-        per_token = F.cross_entropy(
-            logits.float().transpose(1, 2), labels.long(), reduction="none",
-            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
-        )
-        return per_token.sum(dim=1)
+    loss_per_example = staticmethod(_common.token_loss_per_example)
 
     def count_items(self, targets: dict[str, Any]) -> Any:
-        return targets["labels"].ne(IGNORE_INDEX).sum(dim=1)
+        return _common.count_label_tokens(targets)
 
     # --- evaluation ----------------------------------------------------------------------------
     def postprocess(self, predictions: dict[str, np.ndarray], dataset: Any = None) -> dict[str, np.ndarray]:
