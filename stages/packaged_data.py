@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stages.common import package_path
 from stages.schema import ConfigError, TaskConfig
+from stages.sources import split_of
 
 BBC_NEWS_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 """Label ids 0..4, the package's folder names in alphabetical order."""
@@ -27,14 +28,6 @@ def folder_sha256(folder: Path, pattern: str = "*.txt") -> str:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
-
-
-def split_of(key: str, seed: int, fraction: float) -> str:
-    """test / validation / train from a stable hash of `key` (not Python's salted hash): the same on every machine."""
-    position = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 2**32
-    if position < fraction:
-        return "test"
-    return "validation" if position < 2 * fraction else "train"
 
 
 def _read_text(path: Path) -> str:

@@ -30,8 +30,9 @@ def _package_file(task: TaskConfig) -> Path:
     return path
 
 
-def _split_of(group: str, seed: int, fraction: float) -> str:
-    # A stable hash of the group name, not Python's salted hash(): the same split on every machine.
+def split_of(group: str, seed: int, fraction: float) -> str:
+    """test / validation / train from a stable hash of `group` (not Python's salted hash): the same on every
+    machine."""
     position = int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:8], 16) / 2**32
     if position < fraction:
         return "test"
@@ -47,7 +48,7 @@ def _load_rt_reviews(task: TaskConfig):
     frame = frame[frame["category"].isin(["fresh", "rotten"])]
     frame = frame[frame["text"].astype(str).str.strip() != ""]
     frame = frame.assign(label=(frame["category"] == "fresh").astype("int64"))
-    split = frame["movie_name"].map(lambda movie: _split_of(str(movie), task.split_seed, task.validation_fraction))
+    split = frame["movie_name"].map(lambda movie: split_of(str(movie), task.split_seed, task.validation_fraction))
     columns = [c for c in frame.columns if c not in ("category", "has_plot_and_reviews")]
     return datasets.DatasetDict(
         {
