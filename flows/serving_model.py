@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -32,8 +33,6 @@ class TaskModel(PythonModel):
         self.model, self.processor = self.family.load_for_serving(folder)
 
     def _frame(self, model_input: Any):
-        import pandas as pd
-
         columns = self.meta["input_columns"]
         if isinstance(model_input, pd.DataFrame):
             frame = model_input
@@ -55,7 +54,9 @@ class TaskModel(PythonModel):
             )
         return frame
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would try to read a schema from them
+    # a DataFrame hint: MLflow infers no schema from it (the registered signature is the family's) and does not warn
+    # that hints are missing; strings, dicts and lists still come through _frame
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         return self.family.serve(self.model, self.processor, self._frame(model_input), params)
 
 

@@ -47,6 +47,11 @@ class OneLineLoadReport(logging.Filter):
 
 def one_line() -> None:
     """Install the filter on the logger that emits the report (once per process)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # transformers adds its own stderr handler on first use
+    # with CI=1 in the environment transformers also propagates to the root logger: every record twice
+    logging.getLogger("transformers").propagate = False
     emitter = logging.getLogger("transformers.modeling_utils")
     if not any(isinstance(f, OneLineLoadReport) for f in emitter.filters):
         emitter.addFilter(OneLineLoadReport())
