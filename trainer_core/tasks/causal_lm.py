@@ -222,7 +222,8 @@ class CausalLM(TaskFamily):
         pad_id = getattr(self, "_pad_token_id", None)
         if pad_id is None:
             pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        generated = _generate(model, prompts, width, pad_id, {"do_sample": False, "num_beams": 1})
+        generated = _generate(model, prompts, width, pad_id, {"do_sample": False, "num_beams": 1},
+                              synced_gpus=_distributed())
         out = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long, device=ids.device)
         ref = torch.full_like(out, IGNORE_INDEX)
         for row, (tokens, reference) in enumerate(zip(generated, references, strict=True)):
@@ -303,17 +304,30 @@ class CausalLM(TaskFamily):
         return pd.DataFrame({"generated_text": [processor.decode(g, skip_special_tokens=True) for g in generated]})
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _generate(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_id: int, options: dict[str, Any],
-              eos_token_id: int | None = None) -> list[list[int]]:
+              eos_token_id: int | None = None, synced_gpus: bool = False) -> list[list[int]]:
     """New tokens of each prompt, generated one prompt at a time: a left-padded batch would shift the absolute
-    positions of GPT-2-style models, and per prompt no padding enters the attention."""
+    positions of GPT-2-style models, and per prompt no padding enters the attention.
+
+    synced_gpus (evaluation on several ranks): every rank has as many prompts (Accelerate pads the last batch),
+    and each forward of a sharded model (FSDP2, ZeRO-3) all-gathers its parameters, so a rank whose continuation
+    ended early keeps stepping until every rank is done (tests/distributed/test_generation.py). no_grad rather
+    than inference_mode, as a precaution: inference tensors made while a sharded model all-gathers must not leak
+    into the training step that follows an evaluation."""
     import torch
 
     out = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
             result = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    min_new_tokens=1, pad_token_id=pad_id, eos_token_id=eos_token_id, **options)
+                                    min_new_tokens=1, pad_token_id=pad_id, eos_token_id=eos_token_id,
+                                    synced_gpus=synced_gpus, **options)
             out.append(result[0, ids.shape[1]:].tolist())
     return out
