@@ -1,0 +1,127 @@
+"""An Optuna sweep with pruning, killed after its first trial and run again: it resumes.
+
+The search space holds a sane and a diverging learning rate, with the divergence guard off: a diverging trial
+trains on with garbage weights, its evaluations fall below the median of the finished trials, and the median
+pruner stops it (its ranks stop at the next step: it trains fewer than max_steps). The sampler's seed makes the
+first trial the sane one (the pruner's baseline) and puts a diverging one among the next, whether the kill comes
+before or after the second trial was asked. One study, two invocations, shared by the assertions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.helpers import REPO
+from tests.sweeps.helpers import TINY_TRIAL, mlflow_runs, sweep_report
+
+pytestmark = pytest.mark.integration
+MAX_STEPS = 40
+SEARCH = [
+    "sweep.search=optuna", "sweep.n_trials=3", "sweep.study_name=pruning", "sweep.seed=11",
+    "sweep.pruner=median", "sweep.pruner_startup_trials=1",
+    "trainer.learning_rate=choice(1e-3,1e6)", "trainer.stop_on_nonfinite=false",
+    "trainer.eval_strategy=steps", "trainer.eval_steps=4",
+    *[o for o in TINY_TRIAL if not o.startswith(("trainer.max_steps", "trainer.save_steps"))],
+    f"trainer.max_steps={MAX_STEPS}", f"trainer.save_steps={MAX_STEPS}",
+]
+
+
+def _study(root: Path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(root / "sweeps" / "optuna.journal")))
+    return optuna.load_study(study_name="pruning", storage=storage)
+
+
+def _finished(root: Path) -> int:
+    try:
+        return sum(t.state.name == "COMPLETE" for t in _study(root).get_trials(deepcopy=False))
+    except (KeyError, FileNotFoundError, OSError):
+        return 0  # not created yet
+
+
+def _kill_ranks(root: Path) -> None:
+    """The trial's `accelerate launch` runs in its own session: stop it too (only if it is still ours)."""
+    for pid_file in root.glob("stages/train/*/launcher.pid"):
+        pid = int(pid_file.read_text())
+        try:
+            if str(root) in Path(f"/proc/{pid}/cmdline").read_text():
+                os.killpg(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("optuna") / "state"
+
+
+@pytest.fixture(scope="module")
+def killed(root):
+    """The sweep, killed (SIGKILL) as soon as its first trial is complete."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.finetune", *SEARCH, f"paths.root={root}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and _finished(root) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_ranks(root)
+    output, _ = proc.communicate(timeout=60)
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def resumed(run_cli, root, killed):
+    return run_cli([*SEARCH, f"paths.root={root}"], timeout=900)
+
+
+def test_the_sweep_was_killed_after_its_first_trial(killed, root) -> None:
+    returncode, output = killed
+    assert returncode == -signal.SIGKILL, output[-4000:]
+    states = [t.state.name for t in _study(root).get_trials(deepcopy=False)]
+    assert states[0] == "COMPLETE" and "COMPLETE" not in states[1:]
+
+
+def test_resuming_does_not_rerun_finished_trials(resumed, root) -> None:
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-4000:]
+    assert "resuming, 1 of 3 trials already finished" in output
+    # trial 0's flow did not run again; the interrupted trial's values did, as trial 2 (or 1, had it not been asked)
+    assert "Flow run 'pruning-trial-000'" not in output and "Flow run 'pruning-trial-002'" in output
+    report = sweep_report(root)
+    assert sum(report["counts"].values()) == 3 and report["counts"]["FAILED"] == 0
+    assert sorted(t["number"] for t in report["trials"])[0] == 0
+    # one parent run across both invocations; trial 0's child run is the one from before the kill
+    runs = mlflow_runs(root)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.info.status == "FINISHED" and parent.info.run_id == report["mlflow_run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [r.data.tags.get("sweep.trial") for r in children].count("0") == 1
+    assert sorted(r.info.status for r in children).count("FINISHED") == 3
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+
+
+def test_a_weak_trial_is_pruned_early_and_not_registered(resumed, root) -> None:
+    from mlflow import MlflowClient
+
+    report = sweep_report(root)
+    pruned = [t for t in report["trials"] if t["state"] == "PRUNED"]
+    assert pruned, report["trials"]
+    assert all(t["params"]["trainer.learning_rate"] == "1000000.0" for t in pruned)
+    # its ranks stopped when asked: fewer steps than planned (the trials of this invocation know their steps)
+    stopped = [t for t in pruned if t["global_step"] is not None]
+    assert stopped and all(t["global_step"] < MAX_STEPS for t in stopped), stopped
+    best = report["best"]
+    assert best["state"] == "COMPLETE" and best["params"]["trainer.learning_rate"] == "0.001"
+    (version,) = MlflowClient(f"sqlite:///{root}/mlflow.db").search_model_versions("")
+    assert version.run_id == best["mlflow_run_id"]
+    assert _study(root).direction.name == "MAXIMIZE"  # registry.higher_is_better() for accuracy
