@@ -8,6 +8,8 @@ Command-line programs (each `python -m flows.<name> --help` says more):
 
 The flow itself:
     pipeline   the `finetune` Prefect flow: one line per stage of stages/, one MLflow run
+    sweep      the `finetune-sweep` flow: a grid (`-m`) or an Optuna search, one child flow run per trial
+    pruning    the trainer callback through which a sweep stops a pruned trial's ranks
 
 Helpers: config (Hydra composition of conf/ into stages.schema), runtime (the process environment set before
 Prefect is imported), serving_model (the registered model's code, stored by MLflow as source).

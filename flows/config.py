@@ -22,6 +22,7 @@ from stages.schema import (  # noqa: F401 - re-exported: `from flows.config impo
     HardwareConfig,
     ModelConfig,
     PathsConfig,
+    PeftConfig,
     RegistryConfig,
     StagesConfig,
     TaskConfig,
@@ -50,6 +51,7 @@ def _register_schemas() -> None:
         ("tracking", TrackingConfig),
         ("registry", RegistryConfig),
         ("paths", PathsConfig),
+        ("peft", PeftConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 

@@ -4,6 +4,7 @@
     python -m flows.finetune model=tiny_bert trainer.max_steps=30
     python -m flows.finetune task=glue task.subset=sst2 model=bert_base_uncased trainer.learning_rate=3e-5
     python -m flows.finetune hardware=ddp_2cpu
+    python -m flows.finetune -m trainer.learning_rate=1e-5,3e-5 trainer.seed=1,2   # a sweep: see flows/sweep.py
 
 Arguments are Hydra overrides of conf/finetune.yaml. Bad input is reported before anything expensive starts,
 as one message naming the key and the fix (exit code 2). The run ends by printing the MLflow run id, the
@@ -30,6 +31,7 @@ def preflight(cfg: FinetuneConfig) -> None:
     servers_preflight(cfg)
     hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision)
     family_preflight(cfg)
+    peft_preflight(cfg)
     load_raw(cfg.task, cfg.paths.root)
 
 
@@ -69,6 +71,35 @@ def family_preflight(cfg: FinetuneConfig) -> None:
         raise ConfigError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
 
 
+def peft_preflight(cfg: FinetuneConfig) -> None:
+    """peft=qlora needs CUDA and bitsandbytes; every peft.target_modules entry must match a module of the model
+    (checked on a weightless copy built from the model's config, so nothing is loaded)."""
+    if not cfg.peft.enabled:
+        return
+    import importlib.util
+
+    import torch
+
+    if cfg.peft.load_in_4bit and not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
+        raise ConfigError(f"peft={cfg.peft.name} (peft.load_in_4bit=true) needs a CUDA GPU and bitsandbytes, which "
+                          "this machine lacks: use peft=lora (or peft=dora) here.")
+    from stages.common import resolve_model_path
+    from trainer_core import adapters
+    from trainer_core.spec import ModelSpec
+    from trainer_core.tasks import _common, get_task
+
+    config = _common.as_model_config(ModelSpec(name_or_path=resolve_model_path(cfg.model), config=dict(cfg.model.config)))
+    if config is None:
+        return  # a Hub id: the ranks check the targets once the model has loaded
+    labels = ("num_labels", "id2label", "label2id", "architectures", "_name_or_path", "transformers_version")
+    skeleton = ModelSpec(config={k: v for k, v in config.to_dict().items() if k not in labels})
+    with torch.device("meta"):
+        model = get_task(cfg.task.family)(cfg.task.spec()).build_model(skeleton)
+    errors = adapters.target_errors(model, cfg.peft.spec())
+    if errors:
+        raise ConfigError("Config is not well-formed, found the following errors:\n - " + "\n - ".join(errors))
+
+
 def _summary(report: dict) -> str:
     from stages.tracking import CANDIDATE, CHAMPION
 
@@ -91,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if overrides and overrides[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    from flows import sweep
+
+    if sweep.is_sweep(overrides):  # -m or sweep.search=optuna: the finetune-sweep flow (flows/sweep.py)
+        return sweep.main(overrides)
     try:
         cfg = compose(overrides)
         runtime.configure(cfg.paths.root)

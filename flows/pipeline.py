@@ -37,27 +37,36 @@ def _run(stage, *args: Any, report: dict[str, str], **kwargs: Any) -> Any:
 # No log_prints: `datasets` fingerprints map functions with dill, whose `dis.dis` output goes through print and
 # would land in the log as bytecode. The flow and its stages log through their loggers.
 @flow(name="finetune")
-def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune, evaluate, predict and register, as configured by conf/ plus these Hydra overrides."""
+def finetune(overrides: list[str] | None = None, parent_run_id: str | None = None,
+             register_model: bool = True) -> dict[str, Any]:
+    """Fine-tune, evaluate, predict and register, as configured by conf/ plus these Hydra overrides.
+
+    A sweep trial (flows/sweep.py) passes the sweep's MLflow run as `parent_run_id` (its run nests under it) and
+    `register_model=False`: the sweep registers the best trial from the refs in the report.
+    """
     started = time.monotonic()
     cfg = compose(overrides or [])
     logger = get_run_logger()
-    run = open_run(cfg, flow_run_id=str(flow_run.get_id() or ""))
+    nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    run = open_run(cfg, flow_run_id=str(flow_run.get_id() or ""), extra_tags=nested)
     stages: dict[str, str] = {}
     try:
         data = _run(prepare_data, cfg.task, cfg.model, cfg.paths, report=stages)
         plan = _run(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
         trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds,
                                      retry_condition_fn=should_retry)  # a divergence would only diverge again
-        model = _run(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, report=stages)
+        model = _run(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run,
+                     peft=cfg.peft, report=stages)
         metrics = _run(evaluate, model, data, cfg.paths, report=stages)
         predictions = _run(predict, model, data, cfg.task.test_has_labels, cfg.paths, report=stages)
         final = {f"validation_{k}": v for k, v in metrics.metrics.items()}
         final.update({f"test_{k}": v for k, v in predictions.metrics.items()})
         log_metrics(run, final, step=model.global_step)
         client(run.tracking_uri).log_artifact(run.run_id, predictions.path, "predictions")
-        version = _run(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run,
-                       report=stages)
+        version = None
+        if register_model:
+            version = _run(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run,
+                           report=stages)
     except BaseException:
         end_run(run, "FAILED")
         raise
@@ -65,9 +74,9 @@ def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
     report = {
         "mlflow_run_id": run.run_id,
         "tracking_uri": run.tracking_uri,
-        "model_name": version.name,
-        "model_version": version.version,
-        "aliases": version.aliases,
+        "model_name": version.name if version else None,
+        "model_version": version.version if version else None,
+        "aliases": version.aliases if version else [],
         "metrics": final,
         "global_step": model.global_step,
         "stages": stages,
@@ -75,6 +84,9 @@ def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
         "predictions": predictions.path,
         "seconds": round(time.monotonic() - started, 1),
     }
+    if not register_model:  # what registering it later takes (flows/sweep.py)
+        report["refs"] = {"model": model.model_dump(mode="json"), "metrics": metrics.model_dump(mode="json"),
+                          "data": data.model_dump(mode="json"), "run": run.model_dump(mode="json")}
     _publish(report)
     logger.info("finetune: %s", report)
     return report
@@ -88,8 +100,9 @@ def _publish(report: dict[str, Any]) -> None:
         link = f"[{report['mlflow_run_id']}]({link.rstrip('/')}/#/runs/{report['mlflow_run_id']})"
     else:
         link = f"`{report['mlflow_run_id']}` in `{link}` (open with `mlflow ui --backend-store-uri {link}`)"
+    title = f"{report['model_name']} v{report['model_version']}" if report["model_name"] else "not registered"
     markdown = (
-        f"# finetune: {report['model_name']} v{report['model_version']}\n\n"
+        f"# finetune: {title}\n\n"
         f"Aliases: {', '.join(report['aliases']) or 'none'} · MLflow run: {link}\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
         f"Stages: {', '.join(f'{k} ({v})' for k, v in report['stages'].items())}\n"

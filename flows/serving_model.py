@@ -23,6 +23,7 @@ from mlflow.pyfunc import PythonModel
 
 class TaskModel(PythonModel):
     def load_context(self, context: Any) -> None:
+        from trainer_core import adapters
         from trainer_core.spec import TaskSpec
         from trainer_core.tasks import get_task
 
@@ -30,7 +31,11 @@ class TaskModel(PythonModel):
         with open(os.path.join(folder, "serving.json")) as handle:
             self.meta = json.load(handle)
         self.family = get_task(self.meta["family"])(TaskSpec(**self.meta["task"]))
-        self.model, self.processor = self.family.load_for_serving(folder)
+        if adapters.is_adapter_package(folder):  # registry.merge_adapter=false: the pinned base + the adapter
+            self.model, self.processor = self.family.load_for_serving(str(adapters.base_folder(folder)))
+            self.model = adapters.attach(self.model, folder)
+        else:
+            self.model, self.processor = self.family.load_for_serving(folder)
 
     def _frame(self, model_input: Any):
         columns = self.meta["input_columns"]

@@ -23,6 +23,7 @@ from stages.caching import REPO, begin_stage, cache_key_fn, code_version, stage_
 from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
 from stages.schema import PathsConfig, RegistryConfig, TaskConfig
 from stages.tracking import CANDIDATE, CHAMPION, RunInfo, client
+from trainer_core import adapters
 from trainer_core.metrics import is_better
 
 NAME = "register"
@@ -131,9 +132,9 @@ def _signature(schema: dict[str, list]):
                           params=params if schema.get("params") else None)
 
 
-def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Path) -> Path:
+def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Path, merge_adapter: bool = True) -> Path:
     """An MLflow pyfunc folder: our serving code and the task families as source, the safetensors weights and
-    tokenizer as artifacts."""
+    tokenizer as artifacts (a LoRA run with registry.merge_adapter=false: the adapter and its pinned base)."""
     import datasets
     import mlflow
 
@@ -142,9 +143,14 @@ def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Pat
     family = get_task(task.family)(task.spec())
     weights = out / "weights"
     shutil.copytree(model.path, weights)
+    adapter_only = not merge_adapter and adapters.lineage_tags(model.path)["peft.method"] != "none"
+    if adapter_only:
+        base = json.loads(Path(model.spec_path).read_text())["model"]
+        adapters.strip_to_adapter(weights, adapters.pin_base(base["name_or_path"], base.get("revision")))
     (weights / "serving.json").write_text(json.dumps(family.serving_meta()))
     validation = datasets.load_from_disk(data.dataset_dir)["validation"]
-    requirements = [f"{p}=={installed_version(p)}" for p in ("torch", "transformers", "mlflow", "pandas", "safetensors")]
+    packages = ("torch", "transformers", "mlflow", "pandas", "safetensors", *(("peft",) if adapter_only else ()))
+    requirements = [f"{p}=={installed_version(p)}" for p in packages]
     package = out / "model"
     mlflow.pyfunc.save_model(
         path=str(package),
@@ -156,6 +162,14 @@ def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Pat
         pip_requirements=[r.replace("+cpu", "") for r in requirements],
     )
     return package
+
+
+def _base_tags(weights: Path) -> dict[str, str]:
+    if not adapters.is_adapter_package(weights):
+        return {}
+    base = json.loads((weights / adapters.BASE_REFERENCE).read_text())
+    return {"peft.base": base["name_or_path"], "peft.base_revision": str(base.get("revision")),
+            "peft.base_sha256": base["sha256"]}
 
 
 def _existing_version(mlflow_client, name: str, fingerprint: str):
@@ -208,7 +222,7 @@ def register(
         # against itself would overwrite the record of the champion it replaced).
         log.info("register: these weights are already %s v%s; reusing it", name, version.version)
     else:
-        package = _package_model(model, data, task, out)
+        package = _package_model(model, data, task, out, registry.merge_adapter)
         mlflow_client.log_artifacts(run.run_id, str(package), "model")
         source = f"{mlflow_client.get_run(run.run_id).info.artifact_uri}/model"
         spec = json.loads(Path(model.spec_path).read_text())
@@ -221,6 +235,9 @@ def register(
             "prefect_flow_run_id": run.flow_run_id,
             "mlflow_run_id": run.run_id,
             "global_step": str(model.global_step),
+            # peft.method none, or lora with its rank and targets, merged or an adapter on a pinned base
+            **adapters.lineage_tags(model.path, merged=registry.merge_adapter),
+            **_base_tags(out / "weights"),
             **{f"metric.{k}": str(v) for k, v in metrics.metrics.items()},
         }
         version = _create_version(mlflow_client, name, source, run.run_id, lineage)

@@ -146,10 +146,118 @@ class RegistryConfig:
     champion_threshold: float = 0.0
     greater_is_better: bool | None = None
     """Direction of champion_metric; None: the task family's (perplexity: lower is better, most: higher)."""
+    merge_adapter: bool = True
+    """peft runs: register the adapter merged into the base (true), or the adapter alone with a pinned reference
+    to its base weights (path or Hub id, revision, SHA-256), which the served model loads and merges."""
 
     def higher_is_better(self) -> bool:
         """The direction the gate compares in (compose fills greater_is_better from the task family)."""
         return self.greater_is_better is not False
+
+
+PEFT_METHODS = ("none", "lora")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (conf/peft/): the keys are PEFT's own LoraConfig names."""
+
+    name: str = "none"
+    method: str = "none"
+    """`none` (full fine-tune) or `lora` (DoRA and QLoRA are LoRA with use_dora / load_in_4bit)."""
+    r: int = 8
+    """Rank of the low-rank update."""
+    lora_alpha: float = 16
+    """The update is scaled by lora_alpha / r (with use_rslora: lora_alpha / sqrt(r))."""
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes) to adapt; `all-linear`: every Linear layer but the output head."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved besides the adapters; the task head is always added."""
+    use_rslora: bool = False
+    init_lora_weights: Any = True
+    """true (B = 0: the adapted model starts as the base), false, or a PEFT scheme name (gaussian, pissa, ...)."""
+    use_dora: bool = False
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def spec(self) -> dict[str, Any]:
+        """What the ranks are told (RunSpec.peft): {} for a full fine-tune."""
+        if not self.enabled:
+            return {}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+    def errors(self) -> list[str]:
+        """The problems of these keys, each naming the key and the fix."""
+        errors: list[str] = []
+        if self.method not in PEFT_METHODS:
+            errors.append(f"peft.method={self.method!r}: use one of {', '.join(PEFT_METHODS)} (or pick peft=lora|dora|qlora).")
+        if not self.enabled:
+            return errors
+        if self.r <= 0:
+            errors.append(f"peft.r={self.r}: the LoRA rank must be > 0 (e.g. peft.r=8); for a full fine-tune use peft=none.")
+        if self.lora_alpha <= 0:
+            errors.append(f"peft.lora_alpha={self.lora_alpha}: must be > 0 (commonly 2 x peft.r).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"peft.lora_dropout={self.lora_dropout}: must be within [0, 1).")
+        if not self.target_modules or any(not str(m).strip() for m in self.target_modules):
+            errors.append("peft.target_modules is empty: name the modules to adapt (e.g. [query,value]) or [all-linear].")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            errors.append("peft.target_modules: all-linear stands alone; drop the other names or all-linear.")
+        if not isinstance(self.init_lora_weights, (bool, str)):
+            errors.append(f"peft.init_lora_weights={self.init_lora_weights!r}: true, false or a PEFT scheme name.")
+        return errors
+
+
+SWEEP_SEARCHES = ("grid", "optuna")
+SWEEP_SAMPLERS = ("tpe", "random")
+SWEEP_PRUNERS = ("none", "median", "hyperband")
+SWEEP_REGISTER = ("best", "all", "none")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep over Hydra sweep overrides (flows/sweep.py): `-m` runs the grid, sweep.search=optuna a search."""
+
+    search: str = "grid"
+    """`grid` (every combination of the lists and range()s) or `optuna` (ask-and-tell, sweep.n_trials trials)."""
+    n_trials: int = 20
+    """optuna: trials in the study, counting those a stopped sweep already finished."""
+    sampler: str = "tpe"
+    """optuna: `tpe` or `random`."""
+    seed: int = 0
+    """optuna: seed of the sampler."""
+    pruner: str = "median"
+    """optuna: `median`, `hyperband` or `none`; prunes on the trials' evaluations (trainer.eval_strategy)."""
+    pruner_startup_trials: int = 2
+    """optuna: trials that finish before the median pruner prunes any."""
+    pruner_warmup_steps: int = 0
+    """optuna: optimizer steps of a trial before it can be pruned."""
+    max_parallel: int = 1
+    """Trials running at the same time."""
+    register: str = "best"
+    """`best` (the best trial only), `all` (every completed trial) or `none`; each through the champion gate."""
+    study_name: str | None = None
+    """optuna: the study in <paths.root>/sweeps/optuna.journal; None: named after the sweep's overrides."""
+
+    def errors(self) -> list[str]:
+        """The problems of these keys, each naming the key and the fix."""
+        errors: list[str] = []
+        for key, value, allowed in (("search", self.search, SWEEP_SEARCHES), ("sampler", self.sampler, SWEEP_SAMPLERS),
+                                    ("pruner", self.pruner, SWEEP_PRUNERS), ("register", self.register, SWEEP_REGISTER)):
+            if value not in allowed:
+                errors.append(f"sweep.{key}={value!r}: use one of {', '.join(allowed)}.")
+        if self.n_trials < 1:
+            errors.append(f"sweep.n_trials={self.n_trials}: a search needs at least one trial (e.g. sweep.n_trials=20).")
+        if self.max_parallel < 1:
+            errors.append(f"sweep.max_parallel={self.max_parallel}: must be >= 1 (1 runs the trials one after another).")
+        if self.pruner_startup_trials < 0 or self.pruner_warmup_steps < 0:
+            errors.append("sweep.pruner_startup_trials and sweep.pruner_warmup_steps must be >= 0.")
+        return errors
 
 
 @dataclass
@@ -173,6 +281,8 @@ class FinetuneConfig:
     trainer: TrainingArguments = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = MISSING
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
 
@@ -250,6 +360,14 @@ def validate(cfg: FinetuneConfig) -> None:
         errors.append(f"hardware.distributed_type={hw.distributed_type!r}: use one of {', '.join(HARDWARE_TYPES)}.")
     if hw.num_processes < 1 or hw.num_machines < 1:
         errors.append("hardware.num_processes and hardware.num_machines must be >= 1.")
+    errors += cfg.peft.errors()
+    if cfg.peft.enabled and not cfg.registry.merge_adapter and model.name_or_path is None and model.package is None:
+        errors.append(f"registry.merge_adapter=false: model={model.name} is a random init, so there are no base "
+                      "weights to pin; use pretrained weights (model.name_or_path / model.package) or merge.")
+    errors += cfg.sweep.errors()
+    if cfg.peft.enabled and hw.distributed_type in ("FSDP", "DEEPSPEED"):
+        errors.append(f"peft={cfg.peft.name} with hardware={hw.name}: adapters train on one process or DDP only; "
+                      "use hardware=cpu, gpu or a ddp_* option (the frozen base needs no sharded optimizer).")
     if hw.num_processes > 1 and hw.distributed_type == "NO":
         errors.append(f"hardware.num_processes={hw.num_processes} needs hardware.distributed_type=MULTI_CPU or MULTI_GPU.")
     if errors:

@@ -20,7 +20,7 @@ from stages.caching import cache_key_fn, explain_miss, key_components, stage_dir
 from stages.common import resolve_model_path
 from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
 from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
-from stages.schema import HardwareConfig, ModelConfig, PathsConfig, TaskConfig, stable_hash
+from stages.schema import HardwareConfig, ModelConfig, PathsConfig, PeftConfig, TaskConfig, stable_hash
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
 from trainer_core.spec import DIVERGED, ModelSpec, RunSpec
@@ -54,7 +54,7 @@ def should_retry(task, task_run, state) -> bool:
 
 def build_spec(
     task: TaskConfig, model: ModelConfig, trainer: TrainingArguments, data: DatasetRef, plan: BatchPlanRef,
-    run_dir: Path, run: RunInfo | None, hardware: HardwareConfig | None = None,
+    run_dir: Path, run: RunInfo | None, hardware: HardwareConfig | None = None, peft: PeftConfig | None = None,
 ) -> RunSpec:
     model_config = dict(model.config)
     if model_config and resolve_model_path(model) is None and data.vocab_size:
@@ -74,10 +74,12 @@ def build_spec(
         plan_path=plan.path,
         output_dir=str(run_dir),
         # What a checkpoint must agree with to be resumed: same model, task and data.
-        config_hash=stable_hash({"model": model, "task": task, "data": data.fingerprint})[:16],
+        config_hash=stable_hash({"model": model, "task": task, "data": data.fingerprint,
+                                 **({"peft": peft.spec()} if peft and peft.enabled else {})})[:16],  # + LoRA's
         config_components=config_components(task, model, data),
         mlflow_run_id=run.run_id if run else None,
         distributed=distributed_spec(hardware) if hardware is not None else {},
+        peft=peft.spec() if peft else {},
     )
 
 
@@ -140,10 +142,11 @@ def train(
     plan: BatchPlanRef,
     paths: PathsConfig,
     run: RunInfo | None = None,
+    peft: PeftConfig | None = None,
 ) -> ModelRef:
     """Launch the ranks, stream their logs and metrics, return the final model."""
     params = {"task": task, "model": model, "trainer": trainer, "hardware": hardware, "data": data,
-              "plan": plan, "paths": paths, "run": run}
+              "plan": plan, "paths": paths, "run": run, "peft": peft}  # as Prefect's key sees them
     logger = stage_logger()
     # Not begin_stage: the run folder survives a failed attempt, its checkpoints are what a retry resumes.
     run_dir = stage_dir(paths.root, stage_key(NAME, params, CODE))
@@ -153,16 +156,16 @@ def train(
         logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
     else:
         explain_miss(NAME, paths.root, key_components(params, CODE), logger)
-        done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger)
+        done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger, peft)
     if shipper:
         shipper.ship(done.metrics_path)
     done.save(run_dir / "ref.json")
     return done
 
 
-def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, shipper, logger) -> ModelRef:
+def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, shipper, logger, peft=None) -> ModelRef:
     preflight(hardware, trainer.mixed_precision)
-    spec = build_spec(task, model, trainer, data, plan, run_dir, run, hardware)
+    spec = build_spec(task, model, trainer, data, plan, run_dir, run, hardware, peft)
     if trainer.resume_from_checkpoint:
         how = "warm start" if trainer.warm_start else "continue" if trainer.continue_training else "resume"
         logger.info("train: %s from %s (trainer.resume_from_checkpoint)", how, trainer.resume_from_checkpoint)

@@ -108,3 +108,25 @@ def test_trainer_arguments_are_valid_and_plan_a_run(composed, option: str) -> No
     assert trainer.validate() == []
     if trainer.max_steps > 0:
         assert 0 <= trainer.warmup_steps_for(trainer.max_steps) <= trainer.max_steps
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "peft"])
+def test_peft_option_wraps_a_tiny_model(composed, option: str) -> None:
+    """Each peft option adapts a random-init tiny BERT (qlora: refused by name without CUDA, as it must be)."""
+    import torch
+
+    from tests.trainer_core.factories import tiny_model
+    from trainer_core import adapters
+
+    peft = composed(f"peft={option}").peft
+    model = tiny_model()
+    if peft.load_in_4bit and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="peft=qlora"):
+            adapters.wrap(model, peft.spec())
+        return
+    adapted = adapters.wrap(model, peft.spec())
+    trainable = adapters.trainable_names(adapted)
+    if not peft.enabled:
+        assert adapted is model and trainable == {n for n, _ in model.named_parameters()}
+    else:
+        assert trainable and len(trainable) < len(list(adapted.parameters()))

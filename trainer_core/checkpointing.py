@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from trainer_core import adapters
 from trainer_core import checkpoint as ckpt
 from trainer_core.callbacks import MetricsFileCallback, TrainerCallback, TrainerState
 from trainer_core.files import replace_dir, sync_tree
@@ -124,8 +125,11 @@ class CheckpointManager:
             tmp = self.output_dir / f".tmp-{FINAL}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
-                                                    **self.strategy.save_pretrained_kwargs())
+            unwrapped = acc.unwrap_model(model)
+            if adapters.is_adapted(unwrapped):  # LoRA: the merged model, and the adapter alone in adapter/
+                adapters.save_final(unwrapped, tmp, **self.strategy.save_pretrained_kwargs())
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, **self.strategy.save_pretrained_kwargs())
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (tmp / "train_result.json").write_text(json.dumps(train_result, indent=2, sort_keys=True),

@@ -34,7 +34,10 @@ def resume_checkpoint(output_dir: Path, args: TrainingArguments, model: torch.nn
     if asked is None:
         return None
     if args.warm_start:
-        loaded, skipped = ckpt.load_warm_start(model, asked)
+        from trainer_core import adapters
+
+        adapter = (asked / "adapter_model.safetensors").is_file()  # final/adapter/ (PEFT's files)
+        loaded, skipped = (adapters.load_adapter_folder if adapter else ckpt.load_warm_start)(model, asked)
         logger.info("Warm start from %s: loaded %d tensors, kept %d freshly initialised (%s); step 0, fresh "
                     "optimizer", asked, len(loaded), len(skipped), ", ".join(skipped[:8]))
         return None

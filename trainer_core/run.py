@@ -72,7 +72,10 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
         model = task.build_model(replace(spec.model, name_or_path=str(model_dir), config={}, revision=None))
         plan = None
     else:
-        model = task.build_model(spec.model)
+        from trainer_core import adapters
+
+        # LoRA wraps the family's model; final/ holds the merged model, so scoring above needs no adapter
+        model = adapters.wrap(task.build_model(spec.model), spec.peft)
         plan = BatchPlan.load(spec.plan_path)
     args = spec.args
     if model_dir is not None:
@@ -84,9 +87,15 @@ def build_trainer(spec: RunSpec, model_dir: str | Path | None = None, with_train
     return Trainer(
         model, args, train_dataset=train, eval_dataset=evaluation, batch_plan=plan, output_dir=spec.output_dir,
         task=task, task_spec=spec.task, tokenizer=tokenizer, config_hash=spec.config_hash,
-        config_components=spec.config_components,
+        config_components={**spec.config_components, **_adapter_components(spec)},
         mlflow_run_id=spec.mlflow_run_id, distributed=spec.distributed, accelerator=accelerator,
     )
+
+
+def _adapter_components(spec: RunSpec) -> dict[str, Any]:
+    from trainer_core import adapters
+
+    return adapters.components(spec.peft) if spec.peft else {}
 
 
 def _already_complete(spec: RunSpec) -> bool:

@@ -72,6 +72,8 @@ class RunSpec:
     distributed: dict[str, Any] = field(default_factory=dict)
     """The requested topology: {"distributed_type": "FSDP", "fsdp_config": {...}} (hardware group). On CPU
     Accelerate would run FSDP as DDP; trainer_core.distributed shards with FSDP2 instead."""
+    peft: dict[str, Any] = field(default_factory=dict)
+    """The `peft` group (PEFT's LoraConfig names, stages.schema.PeftConfig.spec); {} = full fine-tune."""
 
     @property
     def run_dir(self) -> Path:

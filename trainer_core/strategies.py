@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from trainer_core import adapters, fsdp2, zero
 from trainer_core import checkpoint as ckpt
-from trainer_core import fsdp2, zero
 from trainer_core.args import TrainingArguments
 
 PLAIN, FSDP, DEEPSPEED = "DDP / single-process", "FSDP", "DeepSpeed"
@@ -78,7 +78,9 @@ class Strategy:
     def save_state(self, model: torch.nn.Module, optimizer: Any, folder: Path) -> dict[str, torch.Tensor] | None:
         """Every rank: write this rank's own files into `folder`; returns the full model state dict that the main
         process then writes (`write_state`), None where the weights stay sharded."""
-        return self.accelerator.get_state_dict(model)  # a collective under DDP too: every rank calls it
+        state_dict = self.accelerator.get_state_dict(model)  # a collective under DDP too: every rank calls it
+        # LoRA: only what trains (adapters + modules_to_save); the frozen base comes back from its own weights
+        return adapters.trainable_only(self.accelerator.unwrap_model(model), state_dict)
 
     def write_state(self, state_dict: dict[str, torch.Tensor] | None, optimizer: Any, folder: Path) -> None:
         """Main process: model.safetensors and optimizer.pt."""
@@ -99,13 +101,13 @@ class Strategy:
         if checkpoint_kind(folder) == FSDP:  # every rank reads all the pieces of every shard
             fsdp2.load_sharded(unwrapped, optimizer.optimizer, folder)
             return
-        ckpt.load_weights(unwrapped, folder / "model.safetensors")
+        _load_weights(unwrapped, folder / "model.safetensors")
         # onto the CPU first: Optimizer.load_state_dict moves the state to each parameter's device
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
 
     def load_weights(self, model: torch.nn.Module, folder: str | Path) -> None:
         """Only the model weights of a checkpoint (the best model at the end of training)."""
-        ckpt.load_weights(self.accelerator.unwrap_model(model), Path(folder) / "model.safetensors")
+        _load_weights(self.accelerator.unwrap_model(model), Path(folder) / "model.safetensors")
 
     # --- final model -----------------------------------------------------------------------------
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -114,6 +116,11 @@ class Strategy:
 
     def save_pretrained_kwargs(self) -> dict[str, Any]:
         return {"save_original_format": True}
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    # an adapted model's checkpoint holds its trained tensors only (see Strategy.save_state)
+    (adapters.load_trainable if adapters.is_adapted(model) else ckpt.load_weights)(model, path)
 
 
 class FSDP2Strategy(Strategy):
