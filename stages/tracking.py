@@ -47,9 +47,13 @@ def client(uri: str):
 
 def ensure_store(uri: str) -> None:
     """Create the SQLite store once, before any concurrent writer (concurrent creation races on migrations)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client(uri).search_experiments(max_results=1)
+    if not uri.startswith("sqlite:///"):
+        client(uri).search_experiments(max_results=1)
+        return
+    from stages.caching import key_lock
+
+    with key_lock(Path(uri.removeprefix("sqlite:///")), log, "mlflow"):  # flows started together: one migrates
+        client(uri).search_experiments(max_results=1)
 
 
 def _experiment_id(mlflow_client, cfg: FinetuneConfig) -> str:

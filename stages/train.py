@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import task
 
-from stages.caching import cache_key_fn, explain_miss, key_components, stage_dir, stage_key, stage_logger
+from stages.caching import cache_key_fn, explain_miss, key_components, key_lock, stage_dir, stage_key, stage_logger
 from stages.common import resolve_model_path
 from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
 from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
@@ -149,11 +149,12 @@ def train(
     run_dir = stage_dir(paths.root, stage_key(NAME, params, CODE))
     run_dir.mkdir(parents=True, exist_ok=True)
     shipper = MetricShipper(run) if run else None
-    if (done := model_ref(run_dir)) is not None:
-        logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
-    else:
-        explain_miss(NAME, paths.root, key_components(params, CODE), logger)
-        done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger)
+    with key_lock(run_dir, logger, NAME):  # one trainer per run folder, whatever the number of flows
+        if (done := model_ref(run_dir)) is not None:
+            logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
+        else:
+            explain_miss(NAME, paths.root, key_components(params, CODE), logger)
+            done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger)
     if shipper:
         shipper.ship(done.metrics_path)
     done.save(run_dir / "ref.json")
