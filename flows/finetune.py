@@ -13,6 +13,7 @@ registered model version and its aliases, and the final metrics; the same report
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else list(argv)
     if overrides and overrides[0] in ("-h", "--help"):
@@ -102,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     from flows.pipeline import finetune  # imports prefect: only now that its environment is set
 
     try:
+        # SIGTERM (a scheduler, `timeout`, `kill`) stops the flow as Ctrl-C does: the train stage then SIGTERMs its
+        # ranks, which checkpoint the step they are at (trainer.save_on_sigterm) before they exit
+        signal.signal(signal.SIGTERM, _interrupt)
         report = finetune(overrides)
+    except KeyboardInterrupt:
+        print("error: interrupted; the ranks saved the step they were at: run the same command to resume",
+              file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
