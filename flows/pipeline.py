@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.config import compose
+from stages import lineage
 from stages.batch_plan import BatchGeometry, batch_plan
 from stages.evaluate import evaluate
 from stages.predict import predict
@@ -61,6 +62,7 @@ def finetune(overrides: list[str] | None = None) -> dict[str, Any]:
         log_classification_report(run, predictions.path, list(cfg.task.label_names))
         version = _run(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run,
                        report=stages)
+        lineage.record(run, version, cfg, list(overrides or []))
     except BaseException:
         end_run(run, "FAILED")
         raise
