@@ -5,6 +5,8 @@
     python -m flows.finetune task=glue task.subset=sst2 model=bert_base_uncased trainer.learning_rate=3e-5
     python -m flows.finetune hardware=ddp_2cpu
     python -m flows.finetune -m trainer.learning_rate=1e-5,3e-5 trainer.seed=1,2   # a sweep: see flows/sweep.py
+    python -m flows.finetune reproduce=models:/rt_reviews-minilm_l6/1 paths.root=/tmp/again \
+        tracking.uri=sqlite:///$PWD/.finetune/mlflow.db    # re-create a version, compare the weights
 
 Arguments are Hydra overrides of conf/finetune.yaml. Bad input is reported before anything expensive starts,
 as one message naming the key and the fix (exit code 2). The run ends by printing the MLflow run id, the
@@ -14,6 +16,8 @@ registered model version and its aliases, and the final metrics; the same report
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 from pathlib import Path
 
@@ -117,6 +121,46 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def reproduce(overrides: list[str]) -> int:
+    """`reproduce=models:/<name>/<version>` (or `@alias`): run the version's recorded overrides again (the other
+    overrides, e.g. paths.root and tracking.uri, say where), naming what differs from this checkout first, and
+    report whether the new weights equal the registered ones."""
+    from stages import lineage
+    from stages.caching import code_version
+    from stages.refs import file_sha256
+    from stages.tracking import tracking_uri
+
+    reference = [o for o in overrides if o.startswith("reproduce=")][-1].split("=", 1)[1]
+    extra = [o for o in overrides if not o.startswith("reproduce=")]
+    try:
+        recorded = lineage.find(reference, tracking_uri(compose(extra)))
+        replay = lineage.replay_overrides(recorded, extra)
+        cfg = compose(replay)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    differences = lineage.differences(recorded, f"src:{code_version('stages', 'trainer_core', 'flows')[:16]}")
+    for difference in differences:
+        print(f"reproduce: warning: {difference}", file=sys.stderr)
+    print(f"reproduce: {recorded.name} v{recorded.version} with {' '.join(replay) or 'the defaults'}", flush=True)
+    code = main(replay)
+    if code != 0:
+        return code
+    report = json.loads(Path(cfg.paths.root, "last_report.json").read_text())
+    weights = file_sha256(Path(report["run_dir"]) / "final" / "model.safetensors")
+    if weights == recorded.tags.get("model_fingerprint"):
+        print(f"reproduce: the weights equal {reference} bit for bit (sha256 {weights[:16]}…)")
+        return 0
+    why = "; ".join(differences) or "nothing recorded differs (a nondeterministic kernel or data source?)"
+    print(f"error: reproduce: the weights differ from {reference} (sha256 {weights[:16]}… vs "
+          f"{recorded.tags.get('model_fingerprint', '?')[:16]}…): {why}", file=sys.stderr)
+    return 1
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else list(argv)
     if overrides and overrides[0] in ("-h", "--help"):
@@ -126,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if sweep.is_sweep(overrides):  # -m or sweep.search=optuna: the finetune-sweep flow (flows/sweep.py)
         return sweep.main(overrides)
+    if any(o.startswith("reproduce=") for o in overrides):
+        return reproduce(overrides)
     try:
         cfg = compose(overrides)
         runtime.configure(cfg.paths.root)
@@ -137,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     from flows.pipeline import finetune  # imports prefect: only now that its environment is set
 
     try:
+        # SIGTERM (a scheduler, `timeout`, `kill`) stops the flow as Ctrl-C does: the train stage then SIGTERMs its
+        # ranks, which checkpoint the step they are at (trainer.save_on_sigterm) before they exit
+        signal.signal(signal.SIGTERM, _interrupt)
         report = finetune(overrides)
+    except KeyboardInterrupt:
+        print("error: interrupted; the ranks saved the step they were at: run the same command to resume",
+              file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,11 +17,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.config import compose
+from stages import lineage
 from stages.batch_plan import BatchGeometry, batch_plan
 from stages.evaluate import evaluate
 from stages.predict import predict
 from stages.prepare_data import prepare_data
 from stages.register import register
+from stages.run_artifacts import log_classification_report, log_datasets
 from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
 from stages.train import should_retry, train
 
@@ -52,6 +54,7 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
     stages: dict[str, str] = {}
     try:
         data = _run(prepare_data, cfg.task, cfg.model, cfg.paths, report=stages)
+        log_datasets(run, data, cfg.task)
         plan = _run(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
         trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds,
                                      retry_condition_fn=should_retry)  # a divergence would only diverge again
@@ -63,10 +66,12 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
         final.update({f"test_{k}": v for k, v in predictions.metrics.items()})
         log_metrics(run, final, step=model.global_step)
         client(run.tracking_uri).log_artifact(run.run_id, predictions.path, "predictions")
+        log_classification_report(run, predictions.path, list(cfg.task.label_names))
         version = None
         if register_model:
             version = _run(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run,
                            report=stages)
+            lineage.record(run, version, cfg, list(overrides or []))
     except BaseException:
         end_run(run, "FAILED")
         raise

@@ -21,7 +21,8 @@ the tag concurrency limit of the train task's tag `finetune-train` (the same as 
 until it serves again.
 
 The process environment is set up as the CLI sets it (flows/runtime.py) before Prefect is imported: the state
-folder is --root (default: paths.root of conf/, `.finetune` under the current directory). Run it from the
+folder is --root (default: paths.root of conf/, `.finetune` under the current directory), and the flow runs it
+executes use it as their paths.root unless their overrides set one (FINETUNE_PATHS_ROOT). Run it from the
 repository root: deployments point at flows/pipeline.py:finetune.
 """
 
@@ -38,6 +39,7 @@ from stages.health import probe
 TRAIN_TAG = "finetune-train"  # stages.train.CONCURRENCY_TAG; not imported here: that would import prefect too early
 NIGHTLY_CRON = "0 2 * * *"
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+ROOT_ENV = "FINETUNE_PATHS_ROOT"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PREFECT_API_URL"] = api_url
     root = str(Path(args.root or _default_root()).resolve())
     runtime.configure(root)  # before prefect is imported: its home, result storage and telemetry switch
+    # the flow runs this process executes compose paths.root from it (conf/paths/default.yaml), unless their
+    # overrides name another: stage outputs and the MLflow store land next to Prefect's state, not in the cwd
+    os.environ[ROOT_ENV] = root
     runtime.create_state_dirs(root)
 
     from prefect import serve

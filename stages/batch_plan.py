@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prefect import task
 
-from stages.caching import begin_stage, cache_key_fn, stage_logger
+from stages.caching import begin_stage, cache_key_fn, single_writer, stage_logger
 from stages.refs import BatchPlanRef, DatasetRef, file_sha256
 from stages.schema import HardwareConfig, PathsConfig
 from trainer_core.args import TrainingArguments
@@ -62,6 +62,7 @@ class BatchGeometry:
 
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+@single_writer(NAME, CODE)
 def batch_plan(data: DatasetRef, geometry: BatchGeometry, paths: PathsConfig) -> BatchPlanRef:
     """Write the seeded batch plan for the train split of `data`."""
     import datasets

@@ -24,11 +24,15 @@ record, so a cache hit whose files are gone becomes a miss instead of a crash do
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +257,53 @@ def begin_stage(stage: str, parameters: dict[str, Any], code: tuple[str, ...]) -
         shutil.rmtree(out)  # a leftover without a valid ref.json: never trusted
     out.mkdir(parents=True)
     return out
+
+
+@contextlib.contextmanager
+def key_lock(folder: str | Path, logger: logging.Logger | logging.LoggerAdapter, what: str = "") -> Iterator[None]:
+    """Hold `<folder>.lock` exclusively: one writer per stage key, across processes (and machines on a shared
+    paths.root). An flock dies with its process: a lock left by a killed flow is free again, never stale."""
+    path = Path(folder).with_name(Path(folder).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            logger.info("%s: another process (pid %s) is computing %s; waiting for it", what or path.stem, holder,
+                        Path(folder).name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def single_writer(stage: str, code: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Decorates a stage body (under its @task): two flows computing the same key at once compute it once. The
+    second waits on the key's lock, then finds the first one's valid ref.json and returns it."""
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            parameters = dict(bound.arguments)
+            out = stage_dir(parameters["paths"].root, stage_key(stage, parameters, code))
+            with key_lock(out, stage_logger(), stage):
+                ref = Ref.load(out / "ref.json")
+                if ref is not None and ref.is_valid():
+                    stage_logger().info("%s: computed meanwhile by another flow; using its result", stage)
+                    return ref
+                return fn(*args, **kwargs)
+
+        return body
+
+    return decorate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from stages.caching import begin_stage, cache_key_fn, stage_logger
+from stages.caching import begin_stage, cache_key_fn, single_writer, stage_logger
 from stages.inference import by_length, inference_trainer
 from stages.refs import DatasetRef, MetricsRef, ModelRef, file_sha256, write_json_atomic
 from stages.schema import PathsConfig
@@ -15,6 +15,7 @@ SPLIT = "validation"
 
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+@single_writer(NAME, CODE)
 def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig) -> MetricsRef:
     """Loss and task metrics of `model` on the validation split of `data` (and on each extra validation split,
     as <name>_<metric>)."""

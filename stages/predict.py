@@ -9,7 +9,7 @@ import json
 
 from prefect import task
 
-from stages.caching import begin_stage, cache_key_fn, stage_logger
+from stages.caching import begin_stage, cache_key_fn, single_writer, stage_logger
 from stages.inference import by_length, inference_trainer
 from stages.refs import DatasetRef, ModelRef, PredictionsRef, file_sha256
 from stages.schema import PathsConfig
@@ -20,6 +20,7 @@ SPLIT = "test"
 
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+@single_writer(NAME, CODE)
 def predict(model: ModelRef, data: DatasetRef, scored: bool, paths: PathsConfig) -> PredictionsRef:
     """One JSON line per test example, as its task family writes it (text classification: row_id, the input
     text, label, label_id, score, and the true label if scored)."""

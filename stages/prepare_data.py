@@ -13,7 +13,7 @@ import shutil
 
 from prefect import task
 
-from stages.caching import begin_stage, cache_key_fn, stage_logger
+from stages.caching import begin_stage, cache_key_fn, single_writer, stage_logger
 from stages.refs import DatasetRef, dir_fingerprint
 from stages.schema import ModelConfig, PathsConfig, TaskConfig
 from stages.sources import load_raw
@@ -32,6 +32,7 @@ def _limit(dataset, limit: int | None):
 
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+@single_writer(NAME, CODE)
 def prepare_data(task: TaskConfig, model: ModelConfig, paths: PathsConfig) -> DatasetRef:
     """Tokenize the task's splits with the model's tokenizer and save them under paths.root."""
     out = begin_stage(NAME, {"task": task, "model": model, "paths": paths}, CODE)

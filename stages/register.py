@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prefect import task
 
-from stages.caching import REPO, begin_stage, cache_key_fn, code_version, stage_logger
+from stages.caching import REPO, begin_stage, cache_key_fn, code_version, single_writer, stage_logger
 from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
 from stages.schema import PathsConfig, RegistryConfig, TaskConfig
 from stages.tracking import CANDIDATE, CHAMPION, RunInfo, client
@@ -200,6 +200,7 @@ def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: di
 
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
+@single_writer(NAME, CODE)
 def register(
     model: ModelRef,
     metrics: MetricsRef,

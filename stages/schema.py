@@ -136,6 +136,9 @@ class TrackingConfig:
     """MLflow tracking URI; None = sqlite:///<paths.root>/mlflow.db."""
     experiment_name: str = "finetune"
     run_name: str | None = None
+    outage_seconds: float = 300.0
+    """How long the flow waits, once training is done, for a tracking server that stopped answering during
+    training (its metrics wait in metrics.jsonl meanwhile) before it fails."""
 
 
 @dataclass
@@ -263,7 +266,8 @@ class SweepConfig:
 @dataclass
 class PathsConfig:
     root: str = ".finetune"
-    """State folder: dataset cache, runs, MLflow store, Prefect home. Relative = to the working directory."""
+    """State folder: dataset cache, runs, MLflow store, Prefect home. Relative = to the working directory. Its
+    default in conf/ is $FINETUNE_PATHS_ROOT when set (a serve process's --root), else .finetune."""
 
 
 @dataclass
@@ -333,6 +337,8 @@ def validate(cfg: FinetuneConfig) -> None:
         )
     if task.max_seq_length <= 0:
         errors.append(f"task.max_seq_length={task.max_seq_length}: must be > 0.")
+    if cfg.tracking.outage_seconds < 0:
+        errors.append(f"tracking.outage_seconds={cfg.tracking.outage_seconds}: must be >= 0 (0: fail at once).")
     if not 0.0 < task.validation_fraction < 0.5:
         errors.append(f"task.validation_fraction={task.validation_fraction}: must be within (0, 0.5).")
     errors += family_errors(task)  # which metrics, columns and options the family takes

@@ -33,6 +33,8 @@ class RunInfo(BaseModel):
     tracking_uri: str
     experiment_id: str
     flow_run_id: str = ""
+    outage_seconds: float = 300.0
+    """tracking.outage_seconds: how long the train stage waits for a server gone during training."""
 
 
 def tracking_uri(cfg: FinetuneConfig) -> str:
@@ -47,9 +49,13 @@ def client(uri: str):
 
 def ensure_store(uri: str) -> None:
     """Create the SQLite store once, before any concurrent writer (concurrent creation races on migrations)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client(uri).search_experiments(max_results=1)
+    if not uri.startswith("sqlite:///"):
+        client(uri).search_experiments(max_results=1)
+        return
+    from stages.caching import key_lock
+
+    with key_lock(Path(uri.removeprefix("sqlite:///")), log, "mlflow"):  # flows started together: one migrates
+        client(uri).search_experiments(max_results=1)
 
 
 def _experiment_id(mlflow_client, cfg: FinetuneConfig) -> str:
@@ -81,7 +87,8 @@ def open_run(cfg: FinetuneConfig, flow_run_id: str, extra_tags: dict[str, str] |
     else:
         tags = {FLOW_RUN_TAG: flow_run_id, "task": cfg.task.name, "model": cfg.model.name, **(extra_tags or {})}
         run = mlflow_client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags)
-    info = RunInfo(run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id, flow_run_id=flow_run_id)
+    info = RunInfo(run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id, flow_run_id=flow_run_id,
+                   outage_seconds=cfg.tracking.outage_seconds)
     log_params_once(info, flatten(cfg))
     return info
 
@@ -111,13 +118,18 @@ def log_metrics(run: RunInfo, metrics: dict[str, float], step: int) -> None:
     MetricShipper(run).log_records([{"step": step, "metrics": metrics}])
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stopped answering during training and did not come back in time."""
+
+
 class MetricShipper:
-    """Sends trainer_core's metrics.jsonl to MLflow, each (key, step) at most once across retries."""
+    """Sends trainer_core's metrics.jsonl to MLflow, each (key, step) at most once across retries and outages."""
 
     def __init__(self, run: RunInfo):
         self.run = run
         self.client = client(run.tracking_uri)
         self._last_step: dict[str, int] = {}
+        self.unreachable_since: float | None = None
 
     def _last(self, key: str) -> int:
         if key not in self._last_step:
@@ -130,15 +142,22 @@ class MetricShipper:
 
         batch: list[Metric] = []
         now = int(time.time() * 1000)
+        pending: dict[str, int] = {}
         for record in records:
             step = int(record["step"])
             for key, value in record["metrics"].items():
-                if not isinstance(value, (int, float)) or step <= self._last(key):
+                if not isinstance(value, (int, float)) or step <= pending.get(key, self._last(key)):
                     continue
                 batch.append(Metric(key, float(value), now, step))
-                self._last_step[key] = step
-        for start in range(0, len(batch), 1000):
-            self.client.log_batch(self.run.run_id, metrics=batch[start : start + 1000])
+                pending[key] = step
+        try:
+            for start in range(0, len(batch), 1000):
+                self.client.log_batch(self.run.run_id, metrics=batch[start : start + 1000])
+        except Exception:
+            # what reached the server is unknown (a batch may have landed, its answer lost): ask it next time
+            self._last_step.clear()
+            raise
+        self._last_step.update(pending)
         return len(batch)
 
     def ship(self, metrics_path: str | Path) -> int:
@@ -154,3 +173,39 @@ class MetricShipper:
             except ValueError:
                 break  # a line being written right now: the next call gets it
         return self.log_records(records)
+
+    def try_ship(self, metrics_path: str | Path, logger: logging.Logger | logging.LoggerAdapter) -> bool:
+        """ship(), but a tracking server that does not answer is not an error here: the metrics wait in
+        metrics.jsonl, one line says so, one line says when it answers again. True when all was sent."""
+        from stages.health import probe
+
+        uri = self.run.tracking_uri
+        problem = probe(uri) if uri.startswith(("http://", "https://")) else None  # seconds, not MLflow's retries
+        if problem is None:
+            try:
+                sent = self.ship(metrics_path)
+            except Exception as exc:  # noqa: BLE001 - any failure to reach the store: keep the metrics, retry
+                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            else:
+                if self.unreachable_since is not None:
+                    logger.info("MLflow at %s answers again after %.0f s; sent the %d metric points it missed",
+                                uri, time.monotonic() - self.unreachable_since, sent)
+                    self.unreachable_since = None
+                return True
+        if self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+            logger.warning("MLflow at %s does not answer (%s); training goes on, its metrics wait in %s",
+                           uri, problem, metrics_path)
+        return False
+
+    def ship_within(self, metrics_path: str | Path, seconds: float, logger, every: float = 5.0) -> None:
+        """Ship all of metrics.jsonl, waiting up to `seconds` for a server that does not answer."""
+        deadline = time.monotonic() + seconds
+        while not self.try_ship(metrics_path, logger):
+            if time.monotonic() >= deadline:
+                raise TrackingUnavailable(
+                    f"MLflow at {self.run.tracking_uri} (tracking.uri) did not answer for {seconds:.0f} s after "
+                    f"training (tracking.outage_seconds); the model is saved and its metrics are kept in "
+                    f"{metrics_path}: run the same command again once the server is back to ship them and finish."
+                )
+            time.sleep(every)

@@ -16,18 +16,20 @@ from pathlib import Path
 
 from prefect import task
 
-from stages.caching import cache_key_fn, explain_miss, key_components, stage_dir, stage_key, stage_logger
+from stages.caching import cache_key_fn, explain_miss, key_components, key_lock, stage_dir, stage_key, stage_logger
 from stages.common import resolve_model_path
 from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
 from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
 from stages.schema import HardwareConfig, ModelConfig, PathsConfig, PeftConfig, TaskConfig, stable_hash
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
-from trainer_core.spec import DIVERGED, ModelSpec, RunSpec
+from trainer_core.spec import DISK_FULL, DIVERGED, PREEMPTED, ModelSpec, RunSpec
 
 NAME = "train"
 CODE = ("stages.train", "trainer_core")
 SHIP_EVERY_SECONDS = 5.0
+STOP_GRACE_SECONDS = 60.0
+"""A cancelled flow gives its ranks this long to checkpoint the step they are at before it SIGKILLs them."""
 CONCURRENCY_TAG = "finetune-train"
 """Tag of every train task run: `prefect concurrency-limit create finetune-train 1` caps trainings per server."""
 
@@ -36,16 +38,24 @@ class TrainingFailed(RuntimeError):
     pass
 
 
+class TrainingPreempted(TrainingFailed):
+    """The ranks stopped on SIGTERM after checkpointing the step they were at: a retry resumes from it."""
+
+
 class TrainingDiverged(TrainingFailed):
     """The ranks stopped at a NaN/inf loss or gradient norm (trainer.stop_on_nonfinite): a retry would diverge
     again, so the flow does not retry it (see `should_retry`)."""
 
 
+class CheckpointDiskFull(TrainingFailed):
+    """A checkpoint did not fit on paths.root's filesystem: a retry before space is freed fails the same way."""
+
+
 def should_retry(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn of the train stage: retry anything but a divergence."""
+    """Prefect retry_condition_fn of the train stage: retry anything but a divergence or a full disk."""
     try:
         state.result()
-    except TrainingDiverged:
+    except (TrainingDiverged, CheckpointDiskFull):
         return False
     except BaseException:  # noqa: BLE001 - any other failure: retry, the relaunch resumes
         return True
@@ -118,15 +128,17 @@ def model_ref(run_dir: Path) -> ModelRef | None:
     )
 
 
-def _stream(proc: subprocess.Popen, logger, tail: deque, diverged: list[str]) -> None:
+def _stream(proc: subprocess.Popen, logger, tail: deque, notes: dict[str, str]) -> None:
+    """Each rank line into the stage's log; the first divergence / preemption line into `notes`."""
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.rstrip("\n").split("\r")[-1].rstrip()  # keep the last frame of a progress bar
         if line:
             tail.append(line)
             logger.info(line)
-            if DIVERGED in line:
-                diverged.append(line[line.index(DIVERGED):])
+            for marker in (DIVERGED, PREEMPTED, DISK_FULL):
+                if marker in line:
+                    notes.setdefault(marker, line[line.index(marker):])
 
 
 @task(
@@ -152,13 +164,14 @@ def train(
     run_dir = stage_dir(paths.root, stage_key(NAME, params, CODE))
     run_dir.mkdir(parents=True, exist_ok=True)
     shipper = MetricShipper(run) if run else None
-    if (done := model_ref(run_dir)) is not None:
-        logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
-    else:
-        explain_miss(NAME, paths.root, key_components(params, CODE), logger)
-        done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger, peft)
+    with key_lock(run_dir, logger, NAME):  # one trainer per run folder, whatever the number of flows
+        if (done := model_ref(run_dir)) is not None:
+            logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
+        else:
+            explain_miss(NAME, paths.root, key_components(params, CODE), logger)
+            done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger, peft)
     if shipper:
-        shipper.ship(done.metrics_path)
+        shipper.ship_within(done.metrics_path, run.outage_seconds, logger)
     done.save(run_dir / "ref.json")
     return done
 
@@ -178,13 +191,13 @@ def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, ship
     cmd, env = launch_command(hardware, config_file, ["-m", "trainer_core.run", "--spec", str(run_dir / "spec.json")])
     logger.info("train: %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=20)
-    diverged: list[str] = []
+    notes: dict[str, str] = {}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True,  # its own process group: we can stop every rank at once
     )
     (run_dir / "launcher.pid").write_text(str(proc.pid))
-    reader = threading.Thread(target=_stream, args=(proc, logger, tail, diverged), daemon=True)
+    reader = threading.Thread(target=_stream, args=(proc, logger, tail, notes), daemon=True)
     reader.start()
     try:
         while proc.poll() is None:
@@ -193,14 +206,22 @@ def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, ship
             except subprocess.TimeoutExpired:
                 pass
             if shipper:
-                shipper.ship(run_dir / "metrics.jsonl")
+                shipper.try_ship(run_dir / "metrics.jsonl", logger)
     finally:
-        if proc.poll() is None:  # we are being cancelled: take the ranks down with us
+        if proc.poll() is None:  # we are being cancelled: the ranks checkpoint this step and stop (save_on_sigterm)
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
         reader.join(timeout=10)
-    if proc.returncode != 0 and diverged:
-        raise TrainingDiverged(f"{diverged[0]} [train: accelerate launch exited with code {proc.returncode}]")
+    if proc.returncode != 0 and notes.get(DIVERGED):
+        raise TrainingDiverged(f"{notes[DIVERGED]} [train: accelerate launch exited with code {proc.returncode}]")
+    if proc.returncode != 0 and notes.get(DISK_FULL):
+        raise CheckpointDiskFull(f"train: {notes[DISK_FULL]}")
+    if proc.returncode != 0 and notes.get(PREEMPTED):
+        raise TrainingPreempted(f"train: {notes[PREEMPTED]}")
     if proc.returncode != 0:
         raise TrainingFailed(
             f"train: accelerate launch exited with code {proc.returncode}; last lines:\n" + "\n".join(tail)

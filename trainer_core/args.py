@@ -62,6 +62,10 @@ class TrainingArguments:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (preemption: spot instances, Kubernetes, SLURM's --signal; the flow's Ctrl-C) the ranks agree to
+    stop at the next step boundary, write a checkpoint of that step and exit; the next run resumes from it. False:
+    the default signal action (the process dies, the last periodic checkpoint is what a resume finds)."""
     stop_on_nonfinite: bool = True
     """Stop at the first optimizer step whose loss or gradient norm is NaN or inf (all ranks at once, one error
     naming the step). False: keep going like transformers.Trainer. An fp16 step that the grad scaler skips for an

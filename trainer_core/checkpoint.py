@@ -257,6 +257,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def tree_size(path: str | Path) -> int:
+    """Bytes of the files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, sort_keys=True), encoding="utf-8")
 

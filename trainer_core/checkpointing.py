@@ -23,11 +23,20 @@ from trainer_core import adapters
 from trainer_core import checkpoint as ckpt
 from trainer_core.callbacks import MetricsFileCallback, TrainerCallback, TrainerState
 from trainer_core.files import replace_dir, sync_tree
+from trainer_core.spec import DISK_FULL
 from trainer_core.strategies import Strategy
 
 logger = logging.getLogger("trainer_core")
 
 FINAL = "final"
+
+
+class CheckpointWriteFailed(OSError):
+    """A checkpoint did not fit (or could not be written): nothing partial is left, the previous one is kept."""
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 class CheckpointManager:
@@ -50,30 +59,109 @@ class CheckpointManager:
     # --- checkpoints -----------------------------------------------------------------------------
     def save(self, state: TrainerState, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any) -> Path:
         """Write checkpoints/step-<global_step> atomically: every rank its files into the temp folder, then the
-        main process the shared ones, the manifest last, and the rotation once it is committed."""
+        main process the shared ones, the manifest last, and the rotation once it is committed.
+
+        Space: before writing, the main process compares the free space with the size of the last checkpoint and
+        refuses (nothing written) when it does not fit; a write that fails anyway (ENOSPC, quota) removes the
+        temp folder. Either way every rank raises CheckpointWriteFailed at the same point (the ranks agree through
+        a flag collective where they would otherwise only wait for each other) and the newest complete
+        checkpoint stays what a resume finds."""
         acc = self.accelerator
         final = self.folder(state.global_step)
         tmp = final.with_name(f".tmp-{final.name}")
+        problem = self._space_problem(final) if acc.is_main_process else None
+        self._agree(problem, tmp)
+        try:
+            if acc.is_main_process:
+                ckpt.begin(self.output_dir, state.global_step)
+        except (OSError, RuntimeError) as exc:
+            if (problem := self._write_problem(tmp, exc)) is None:
+                raise
+        self._agree(problem, tmp)
+        try:
+            ckpt.write_json(tmp / f"rng_state_{acc.process_index}.json", ckpt.rng_state())
+            state_dict = self.strategy.save_state(model, optimizer, tmp)
+        except (OSError, RuntimeError) as exc:
+            if (problem := self._write_problem(tmp, exc)) is None:
+                raise
+        self._agree(problem, tmp)
+        try:
+            if acc.is_main_process:
+                self.strategy.write_state(state_dict, optimizer, tmp)
+                torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+                if acc.scaler is not None:
+                    torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+                (tmp / "trainer_state.json").write_text(state.to_json(), encoding="utf-8")
+                if self.metrics_file is not None:
+                    self.metrics_file.sync()  # metrics.jsonl holds every step this checkpoint covers
+                ckpt.commit(tmp, config_hash=self.config_hash, mlflow_run_id=self.mlflow_run_id,
+                            global_step=state.global_step, config_components=self.config_components)
+        except (OSError, RuntimeError) as exc:
+            if (problem := self._write_problem(tmp, exc)) is None:
+                raise
+        self._agree(problem, tmp)
         if acc.is_main_process:
-            ckpt.begin(self.output_dir, state.global_step)
-        acc.wait_for_everyone()
-        ckpt.write_json(tmp / f"rng_state_{acc.process_index}.json", ckpt.rng_state())
-        state_dict = self.strategy.save_state(model, optimizer, tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.strategy.write_state(state_dict, optimizer, tmp)
-            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            (tmp / "trainer_state.json").write_text(state.to_json(), encoding="utf-8")
-            if self.metrics_file is not None:
-                self.metrics_file.sync()  # metrics.jsonl holds every step this checkpoint covers
-            ckpt.commit(tmp, config_hash=self.config_hash, mlflow_run_id=self.mlflow_run_id,
-                        global_step=state.global_step, config_components=self.config_components)
             logger.info("Saved checkpoint %s", final)
             ckpt.rotate(self.output_dir, self.save_total_limit, state.best_model_checkpoint)
+            self._warn_if_short(final)
         acc.wait_for_everyone()
         return final
+
+    def _space_problem(self, final: Path) -> str | None:
+        """Why checkpoint `final` will not fit (free space below the size of the newest one), or None."""
+        previous = ckpt.list_checkpoints(self.output_dir)
+        if not previous:
+            return None  # nothing to estimate from: try, a failed write cleans up after itself
+        needed = ckpt.tree_size(previous[-1])
+        free = shutil.disk_usage(self.output_dir).free
+        if free >= needed:
+            return None
+        return (f"checkpoint {final.name} needs about {_mb(needed)} (the size of {previous[-1].name}) but "
+                f"{self.output_dir} has {_mb(free)} free; nothing was written")
+
+    def _write_problem(self, tmp: Path, exc: Exception) -> str | None:
+        """What a failed write says when the filesystem is full (or over quota), else None (not ours to explain).
+        torch.save's zip writer reports ENOSPC as a RuntimeError: then the free space tells."""
+        free = shutil.disk_usage(self.output_dir).free
+        errno = getattr(exc, "errno", None)
+        if errno == 122:
+            what = "disk quota exceeded"
+        elif errno == 28 or free < 2**20:
+            what = "no space left on the device"
+        else:
+            return None
+        previous = ckpt.list_checkpoints(self.output_dir)
+        needed = f", about {_mb(ckpt.tree_size(previous[-1]))} needed" if previous else ""
+        where = getattr(exc, "filename", None) or tmp
+        return (f"checkpoint {tmp.name.removeprefix('.tmp-')}: {what} writing {where} ({_mb(free)} free{needed}); "
+                "the partial checkpoint was removed")
+
+    def _agree(self, problem: str | None, tmp: Path) -> None:
+        """Every rank learns whether any rank had a problem; then all raise together, the temp folder gone."""
+        acc = self.accelerator
+        failed = problem is not None
+        if acc.num_processes > 1:
+            flag = torch.tensor([float(failed)], device=acc.device)
+            failed = bool(acc.reduce(flag, reduction="sum").item())  # the barrier this point needs anyway
+        if not failed:
+            return
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        if problem is not None:
+            logger.error("rank %d: %s", acc.process_index, problem)
+        kept = ckpt.list_checkpoints(self.output_dir)
+        raise CheckpointWriteFailed(
+            f"{DISK_FULL} {problem or 'another rank could not write its part of the checkpoint'}; "
+            + (f"the newest complete checkpoint {kept[-1]} is kept" if kept else "no complete checkpoint yet")
+            + ": free some space (or lower trainer.save_total_limit, or move paths.root) and run again to resume"
+        )
+
+    def _warn_if_short(self, final: Path) -> None:
+        size, free = ckpt.tree_size(final), shutil.disk_usage(self.output_dir).free
+        if free < 2 * size:
+            logger.warning("%s has %s free, room for %d more checkpoint(s) of %s: free space before the next "
+                           "save", self.output_dir, _mb(free), free // max(size, 1), _mb(size))
 
     def check_loadable(self, path: Path) -> None:
         """Refuse a folder that does not verify, holds unsafe files or comes from another config."""

@@ -21,6 +21,10 @@ from trainer_core.spec import RunSpec
 logger = logging.getLogger("trainer_core")
 DIVERGED_EXIT_CODE = 3
 """Exit code of a run stopped by trainer.stop_on_nonfinite (a retry would only diverge again)."""
+PREEMPTED_EXIT_CODE = 75
+"""EX_TEMPFAIL: stopped on SIGTERM after a checkpoint (trainer.save_on_sigterm); running again resumes."""
+DISK_FULL_EXIT_CODE = 4
+"""A checkpoint did not fit: a retry now would fail the same way, running again after freeing space resumes."""
 
 
 def _load_tokenizer(tokenizer_dir: str | None) -> Any:
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if _already_complete(spec):
         return 0
     trainer = build_trainer(spec)
-    from trainer_core.trainer import TrainingDiverged
+    from trainer_core.checkpointing import CheckpointWriteFailed
+    from trainer_core.trainer import TrainingDiverged, TrainingPreempted
 
     try:
         result = trainer.train()
@@ -135,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.accelerator.is_main_process:
             logger.error("%s", exc)
         return DIVERGED_EXIT_CODE
+    except TrainingPreempted as exc:
+        if trainer.accelerator.is_main_process:
+            logger.warning("%s", exc)
+        return PREEMPTED_EXIT_CODE
+    except CheckpointWriteFailed as exc:
+        if trainer.accelerator.is_main_process:
+            logger.error("%s", exc)
+        return DISK_FULL_EXIT_CODE
     finally:
         trainer.cleanup()
     return 0

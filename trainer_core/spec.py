@@ -17,6 +17,10 @@ from trainer_core.args import TrainingArguments
 
 DIVERGED = "training diverged:"
 """Start of the ranks' one-line error when trainer.stop_on_nonfinite stops a run; the train stage looks for it."""
+PREEMPTED = "training stopped on SIGTERM:"
+"""The start of the line rank 0 logs when the ranks stopped on SIGTERM (trainer.save_on_sigterm)."""
+DISK_FULL = "checkpoint not written:"
+"""The start of the error line of a checkpoint that did not fit (trainer_core.checkpointing)."""
 
 
 @dataclass

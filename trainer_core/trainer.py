@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ from trainer_core.metrics import is_better
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.optim import config_errors as optimizer_config_errors
 from trainer_core.precision import PRECISIONS, precision_problem
-from trainer_core.spec import DIVERGED, TaskSpec
+from trainer_core.spec import DIVERGED, PREEMPTED, TaskSpec
 from trainer_core.strategies import make_strategy
 from trainer_core.tasks.base import TaskFamily
 
@@ -65,6 +66,11 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf (trainer.stop_on_nonfinite)."""
+
+
+class TrainingPreempted(RuntimeError):
+    """SIGTERM arrived (trainer.save_on_sigterm): the ranks stopped together at a step boundary, after its
+    checkpoint."""
 
 
 class TrainOutput(NamedTuple):
@@ -359,6 +365,8 @@ class Trainer:
         self.control._new_training()
         self.control = self._fire("on_train_begin")
         batches = iter(self._train_loader)
+        self._sigterm = False
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if args.save_on_sigterm else None
         try:
             step = start_step
             while step < plan.num_steps:
@@ -367,8 +375,10 @@ class Trainer:
                     self.control = self._fire("on_epoch_begin")
                 self.control = self._fire("on_step_begin")
                 grad_norm, local_loss = self.training_step(model, optimizer, step, batches)
-                # each rank holds its share of the window's losses: their sum is the mean loss per item
-                step_loss = float(acc.reduce(local_loss, reduction="sum"))
+                # each rank holds its share of the window's losses: their sum is the mean loss per item. A SIGTERM
+                # flag rides along in the same collective: every rank learns at this step whether any got one
+                flag = torch.tensor(float(self._sigterm), device=local_loss.device, dtype=local_loss.dtype)
+                step_loss, stop = acc.reduce(torch.stack([local_loss, flag]), reduction="sum").tolist()
                 if args.stop_on_nonfinite:
                     self._check_finite(step + 1, step_loss, grad_norm)
                 state.train_loss_sum += step_loss
@@ -381,6 +391,8 @@ class Trainer:
                 if plan.is_last_step_of_epoch(step) or self.control.should_training_stop or cut_epoch:
                     self.control = self._fire("on_epoch_end")
                     self._maybe_log_save_evaluate(grad_norm)
+                if stop:
+                    self._stop_on_sigterm()
                 if self.control.should_training_stop:
                     break
                 step += 1
@@ -391,6 +403,8 @@ class Trainer:
                     state.global_step = step
                     batches = iter(self._setup_train_dataloader(step))
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             if hook is not None:
                 hook.remove()  # eval, predict and saved weights must not see the noise
 
@@ -404,6 +418,18 @@ class Trainer:
         self.control = self._fire("on_train_end")
         self.train_output = TrainOutput(state.global_step, training_loss, metrics)
         return self.train_output
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = True  # acted on at the end of the current step, by every rank at the same step
+
+    def _stop_on_sigterm(self) -> None:
+        """Checkpoint the step just finished (unless it is already saved) and raise TrainingPreempted."""
+        state = self.state
+        if state.global_step > self._last_saved_step:
+            self.save_checkpoint()
+        folder = self.checkpoints.folder(state.global_step)
+        raise TrainingPreempted(f"{PREEMPTED} stopped at step {state.global_step} of {self.plan.num_steps}, "
+                                f"checkpoint {folder}; the next run resumes from it")
 
     def _check_finite(self, global_step: int, step_loss: float, grad_norm: float) -> None:
         """Raise TrainingDiverged at the first NaN/inf loss or gradient norm.

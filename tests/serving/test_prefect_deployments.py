@@ -27,7 +27,7 @@ def test_train_concurrency_limit_is_set_by_serve(served_client) -> None:
     assert limit.concurrency_limit == TRAIN_LIMIT
 
 
-def test_triggered_run_completes_and_publishes_its_report(served_client, champion_run) -> None:
+def test_triggered_run_completes_and_publishes_its_report(served, served_client, champion_run, mlflow_server) -> None:
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
@@ -54,3 +54,11 @@ def test_triggered_run_completes_and_publishes_its_report(served_client, champio
     accuracy = float(report.split("| validation_accuracy |")[1].split("|")[0])
     assert accuracy >= 0.9
     assert "/#/runs/" in report  # an http tracking URI gives a link to the MLflow UI
+    # its overrides name no paths.root: the run kept its state under the serve process's --root
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("finetune").experiment_id],
+                                filter_string=f"tags.`prefect.flow_run_id` = '{champion_run.id}'", max_results=2)
+    assert run.data.params["paths.root"] == str(served.root)
+    assert list((served.root / "stages" / "train").glob("train-*/final/model.safetensors"))
