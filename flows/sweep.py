@@ -580,6 +580,7 @@ def ranked(trials: list[Trial], higher_is_better: bool) -> list[Trial]:
 
 def _register(plan: SweepPlan, trials: list[Trial], logger) -> list[dict[str, Any]]:
     """The best trial (or every completed one, best first) through the register stage and its champion gate."""
+    from stages import lineage
     from stages.refs import DatasetRef, MetricsRef, ModelRef
     from stages.register import register
     from stages.tracking import RunInfo, tracking_uri
@@ -593,9 +594,12 @@ def _register(plan: SweepPlan, trials: list[Trial], logger) -> list[dict[str, An
     registered = []
     for trial in chosen:
         refs = trial.report["refs"]
-        cfg = compose(plan.trial_overrides(trial.own))
+        overrides = plan.trial_overrides(trial.own)
+        cfg = compose(overrides)
+        run = RunInfo(**refs["run"])
         version = register(ModelRef(**refs["model"]), MetricsRef(**refs["metrics"]), DatasetRef(**refs["data"]),
-                           cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, RunInfo(**refs["run"]))
+                           cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run)
+        lineage.record(run, version, cfg, overrides)  # the trial's own overrides: reproduce= re-runs just it
         logger.info("sweep %s: trial %d registered as %s v%s (aliases: %s)", plan.name, trial.number, version.name,
                     version.version, ", ".join(version.aliases) or "none")
         registered.append({"trial": trial.number, "model_name": version.name, "model_version": version.version,

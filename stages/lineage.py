@@ -3,8 +3,9 @@
     record(run, version, cfg, overrides)     # the flow, once the version exists
     python -m flows.finetune reproduce=models:/rt_reviews-minilm_l6/3 paths.root=/tmp/fresh
 
-Each version carries, as tags: `overrides` (the Hydra overrides, JSON), `resolved_config_hash` (SHA-256 of the full
-resolved config less `paths` and `tracking`: where results are kept is not what was trained), `packages` (the
+Each version carries, as tags: `overrides` (the Hydra overrides, JSON), `config_hash` (SHA-256 of the full resolved
+config less `paths` and `tracking`: where results are kept is not what was trained; another learning rate is
+another hash), `packages` (the
 versions that decide the numbers) and `code_version`, next to `data_fingerprint` and `model_fingerprint` from the
 register stage; the resolved config itself is the run artifact `config/resolved.yaml`. `reproduce=` reads them,
 names what differs from this checkout before it trains, runs the recorded overrides (the caller's `paths.*` and
@@ -55,7 +56,7 @@ def record(run, version, cfg: FinetuneConfig, overrides: list[str]) -> None:
     existing = mlflow_client.get_model_version(version.name, version.version).tags
     if "overrides" in existing:
         return  # these weights were registered by an earlier run: its record stands
-    tags = {"overrides": json.dumps(list(overrides)), "resolved_config_hash": stable_hash(resolved_config(cfg)),
+    tags = {"overrides": json.dumps(list(overrides)), "config_hash": stable_hash(resolved_config(cfg)),
             "packages": packages(), "resolved_config": f"runs:/{run.run_id}/config/resolved.yaml"}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(version.name, version.version, key, value)
@@ -101,7 +102,9 @@ def find(reference: str, tracking_uri: str) -> Recorded:
 
 def replay_overrides(recorded: Recorded, extra: list[str]) -> list[str]:
     """The recorded overrides, less where they kept results, plus the caller's."""
-    kept = [o for o in recorded.overrides if not o.lstrip("+~").startswith(WHERE)]
+    # a sweep trial's record may hold the sweep's own keys: replaying is one run, not the sweep again
+    kept = [o for o in recorded.overrides if not o.lstrip("+~").startswith((*WHERE, "sweep."))
+            and o not in ("-m", "--multirun")]
     return kept + list(extra)
 
 

@@ -229,7 +229,7 @@ def register(
         spec = json.loads(Path(model.spec_path).read_text())
         lineage = {
             "model_fingerprint": model.fingerprint,
-            "config_hash": spec.get("config_hash", ""),
+            "checkpoint_config_hash": spec.get("config_hash", ""),  # what a resume must match (model, task, data)
             "data_fingerprint": data.fingerprint,
             "tokenizer_hash": data.tokenizer_fingerprint,
             "code_version": f"git:{_git_commit()} src:{code_version('stages', 'trainer_core', 'flows')[:16]}",

@@ -82,7 +82,7 @@ def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
     version = client.get_model_version_by_alias(rep["model_name"], "candidate")
     assert int(version.version) == int(rep["model_version"]) == 1
     assert version.tags["mlflow_run_id"] == run.info.run_id
-    for tag in ("model_fingerprint", "config_hash", "data_fingerprint", "tokenizer_hash", "code_version",
+    for tag in ("model_fingerprint", "config_hash", "checkpoint_config_hash", "data_fingerprint", "tokenizer_hash", "code_version",
                 "prefect_flow_run_id", "gate.decision"):
         assert version.tags[tag], tag
 

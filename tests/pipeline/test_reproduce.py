@@ -25,7 +25,7 @@ def test_reproduce_gives_the_registered_weights_and_names_differences(run_cli, t
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version(NAME, "1")
     assert json.loads(version.tags["overrides"])[-1] == f"paths.root={first_root}"
-    assert "torch==" in version.tags["packages"] and len(version.tags["resolved_config_hash"]) == 64
+    assert "torch==" in version.tags["packages"] and len(version.tags["config_hash"]) == 64
     run_id = version.tags["mlflow_run_id"]
     resolved = client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path / "dl"))
     assert "learning_rate: 0.002" in open(resolved).read()

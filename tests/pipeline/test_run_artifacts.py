@@ -60,3 +60,13 @@ def test_run_gets_its_splits_as_inputs_and_the_report_as_artifacts(tmp_path) -> 
         table = list(csv.DictReader(handle))
     assert [(r["class"], r["support"]) for r in table] == [("no", "2"), ("yes", "2")]
     assert float(table[0]["precision"]) == 1.0 and float(table[1]["precision"]) == pytest.approx(2 / 3)
+
+
+def test_config_hash_covers_the_trainer_but_not_where_results_go() -> None:
+    from flows.config import compose
+    from stages.lineage import resolved_config
+    from stages.schema import stable_hash
+
+    base = stable_hash(resolved_config(compose([])))
+    assert stable_hash(resolved_config(compose(["trainer.learning_rate=3e-5"]))) != base
+    assert stable_hash(resolved_config(compose(["paths.root=/elsewhere", "tracking.uri=http://127.0.0.1:5000"]))) == base
