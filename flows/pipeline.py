@@ -46,6 +46,10 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
     A sweep trial (flows/sweep.py) passes the sweep's MLflow run as `parent_run_id` (its run nests under it) and
     `register_model=False`: the sweep registers the best trial from the refs in the report.
     """
+    from flows import sweep
+
+    if sweep.is_sweep(overrides or []):  # the finetune/sweep deployment: the sweep runs as a subflow of this run
+        return sweep.finetune_sweep()(list(overrides or []))
     started = time.monotonic()
     cfg = compose(overrides or [])
     logger = get_run_logger()

@@ -14,6 +14,8 @@ Deployments (their only parameter is the Hydra override list, so a scheduled run
 `python -m flows.finetune <overrides>`):
   finetune/nightly-glue   cron --nightly-cron (default "0 2 * * *", --timezone UTC), overrides ["task=glue"]
   finetune/default        no schedule, overrides []: trigger it by hand with your overrides
+  finetune/sweep          no schedule, sweep overrides (default ["-m", "trainer.learning_rate=1e-5,3e-5,5e-5"]):
+                          the run hands them to the finetune-sweep flow (flows/sweep.py), one child run per trial
 
 At most --max-trainings train stages run at once across every flow run of this server: the serve process sets
 the tag concurrency limit of the train task's tag `finetune-train` (the same as running
@@ -40,6 +42,7 @@ TRAIN_TAG = "finetune-train"  # stages.train.CONCURRENCY_TAG; not imported here:
 NIGHTLY_CRON = "0 2 * * *"
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 ROOT_ENV = "FINETUNE_PATHS_ROOT"
+SWEEP_OVERRIDES = ("-m", "trainer.learning_rate=1e-5,3e-5,5e-5")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +86,14 @@ def deployments(nightly_cron: str = NIGHTLY_CRON, nightly_overrides: list[str] |
         description="Unscheduled: trigger with --param 'overrides=[...]' (Hydra overrides, as on the CLI).",
         tags=["finetune"],
     )
-    return [nightly, default]
+    sweep = finetune.to_deployment(
+        name="sweep",
+        parameters={"overrides": list(SWEEP_OVERRIDES)},
+        description="Unscheduled: a sweep (flows/sweep.py); the parameters are sweep overrides as on the CLI, "
+                    "e.g. -m trainer.learning_rate=1e-5,3e-5 or sweep.search=optuna sweep.n_trials=20 ...",
+        tags=["finetune", "sweep"],
+    )
+    return [nightly, default, sweep]
 
 
 def set_train_limit(max_trainings: int) -> None:

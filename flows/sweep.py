@@ -752,7 +752,7 @@ def _finetune_sweep(overrides: list[str]) -> dict[str, Any]:
     return report
 
 
-def _flow():
+def finetune_sweep():
     """The `finetune-sweep` Prefect flow (built on first use: Prefect is imported only after runtime.configure)."""
     global _FLOW
     if _FLOW is None:
@@ -801,7 +801,7 @@ def main(argv: list[str]) -> int:
         return 2
     runtime.create_state_dirs(plan.base.paths.root)
     try:
-        report = _flow()(plan.overrides)
+        report = finetune_sweep()(plan.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,7 +114,7 @@ def served(prefect_server, tmp_path_factory):
                 if proc.poll() is not None:
                     raise RuntimeError(f"flows.serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
                 names = {d.name for d in client.read_deployments()}
-                if {"nightly-glue", "default"} <= names and "being served" in log_path.read_text():
+                if {"nightly-glue", "default", "sweep"} <= names and "being served" in log_path.read_text():
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"deployments not served:\n{log_path.read_text()[-3000:]}")

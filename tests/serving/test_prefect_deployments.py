@@ -18,6 +18,9 @@ def test_deployments_are_registered_with_schedule_and_overrides(served_client) -
     assert nightly.parameters == {"overrides": ["task=glue"]}
     assert nightly.entrypoint == "flows/pipeline.py:finetune"
     assert default.schedules == [] and default.parameters == {"overrides": []}
+    sweep = served_client.read_deployment_by_name("finetune/sweep")
+    assert sweep.schedules == [] and sweep.parameters["overrides"][0] == "-m"
+    assert sweep.entrypoint == "flows/pipeline.py:finetune"  # the finetune flow hands sweep overrides to the sweep
     # the parameter schema is the flow's: one list of strings, the Hydra overrides
     assert default.parameter_openapi_schema["properties"]["overrides"]["anyOf"][0]["type"] == "array"
 
