@@ -59,18 +59,19 @@ def log_datasets(run: RunInfo, data: DatasetRef, task: TaskConfig) -> None:
 
 def per_class(truth: list[int], predicted: list[int], num_classes: int) -> tuple[list[list[int]], list[dict]]:
     """The confusion matrix (rows: true class) and precision / recall / F1 / support of each class."""
-    matrix = [[0] * num_classes for _ in range(num_classes)]
-    for t, p in zip(truth, predicted, strict=True):
-        matrix[t][p] += 1
+    import numpy as np
+
+    from trainer_core.metrics.vision import confusion_matrix
+
+    matrix = confusion_matrix(np.asarray(predicted), np.asarray(truth), num_classes)
     rows = []
     for c in range(num_classes):
-        tp = matrix[c][c]
-        predicted_c, support = sum(matrix[t][c] for t in range(num_classes)), sum(matrix[c])
+        tp, predicted_c, support = int(matrix[c, c]), int(matrix[:, c].sum()), int(matrix[c].sum())
         precision = tp / predicted_c if predicted_c else 0.0
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         rows.append({"class": c, "precision": precision, "recall": recall, "f1": f1, "support": support})
-    return matrix, rows
+    return matrix.tolist(), rows
 
 
 def write_classification_report(rows: list[dict[str, Any]], label_names: list[str], out: Path) -> bool:

@@ -52,6 +52,8 @@ class CheckpointManager:
         self.config_components = config_components if config_components is not None else {}
         self.save_total_limit = save_total_limit
         self.metrics_file = metrics_file
+        self._sized: tuple[Path, int] | None = None
+        """(newest checkpoint, its size in bytes): measured once per checkpoint for the space checks."""
 
     def folder(self, step: int) -> Path:
         return ckpt.checkpoint_dir(self.output_dir, step)
@@ -107,16 +109,23 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
-    def _space_problem(self, final: Path) -> str | None:
-        """Why checkpoint `final` will not fit (free space below the size of the newest one), or None."""
+    def _newest_size(self) -> tuple[Path, int] | None:
+        """The newest committed checkpoint and its size, or None before the first one."""
         previous = ckpt.list_checkpoints(self.output_dir)
         if not previous:
+            return None
+        if self._sized is None or self._sized[0] != previous[-1]:
+            self._sized = (previous[-1], ckpt.tree_size(previous[-1]))
+        return self._sized
+
+    def _space_problem(self, final: Path) -> str | None:
+        """Why checkpoint `final` will not fit (free space below the size of the newest one), or None."""
+        if (newest := self._newest_size()) is None:
             return None  # nothing to estimate from: try, a failed write cleans up after itself
-        needed = ckpt.tree_size(previous[-1])
-        free = shutil.disk_usage(self.output_dir).free
+        (path, needed), free = newest, shutil.disk_usage(self.output_dir).free
         if free >= needed:
             return None
-        return (f"checkpoint {final.name} needs about {_mb(needed)} (the size of {previous[-1].name}) but "
+        return (f"checkpoint {final.name} needs about {_mb(needed)} (the size of {path.name}) but "
                 f"{self.output_dir} has {_mb(free)} free; nothing was written")
 
     def _write_problem(self, tmp: Path, exc: Exception) -> str | None:
@@ -130,8 +139,8 @@ class CheckpointManager:
             what = "no space left on the device"
         else:
             return None
-        previous = ckpt.list_checkpoints(self.output_dir)
-        needed = f", about {_mb(ckpt.tree_size(previous[-1]))} needed" if previous else ""
+        newest = self._newest_size()
+        needed = f", about {_mb(newest[1])} needed" if newest else ""
         where = getattr(exc, "filename", None) or tmp
         return (f"checkpoint {tmp.name.removeprefix('.tmp-')}: {what} writing {where} ({_mb(free)} free{needed}); "
                 "the partial checkpoint was removed")
@@ -158,7 +167,8 @@ class CheckpointManager:
         )
 
     def _warn_if_short(self, final: Path) -> None:
-        size, free = ckpt.tree_size(final), shutil.disk_usage(self.output_dir).free
+        _, size = self._newest_size()  # `final`, just committed
+        free = shutil.disk_usage(self.output_dir).free
         if free < 2 * size:
             logger.warning("%s has %s free, room for %d more checkpoint(s) of %s: free space before the next "
                            "save", self.output_dir, _mb(free), free // max(size, 1), _mb(size))
