@@ -112,8 +112,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
     finally:
         GlobalHydra.instance().clear()
     cfg.paths.root = str(Path(os.path.expanduser(cfg.paths.root)).resolve())
-    if cfg.hardware.mixed_precision and cfg.trainer.mixed_precision == "no":
-        cfg.trainer.mixed_precision = cfg.hardware.mixed_precision
+    _resolve_precision(cfg)
     if cfg.registry.champion_metric is None:
         cfg.registry.champion_metric = cfg.task.metrics[0]
     _fill_metric_directions(cfg)
@@ -122,6 +121,23 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
         cfg.task.dataset_path = str(Path(os.path.expanduser(cfg.task.dataset_path)).resolve())
     validate(cfg)
     return cfg
+
+
+def _resolve_precision(cfg: Any) -> None:
+    """trainer.mixed_precision: a hardware config's precision where the trainer leaves it at auto or no (FSDP
+    configs train in bf16); otherwise auto is bf16 where this machine runs it natively, else no. Resolved here, so
+    the concrete value is what the cache keys, MLflow and the lineage see."""
+    from trainer_core.precision import AUTO, resolve
+
+    requested = cfg.trainer.mixed_precision
+    if cfg.hardware.mixed_precision and requested in (AUTO, "no"):
+        cfg.trainer.mixed_precision = cfg.hardware.mixed_precision
+        if requested == AUTO:
+            cfg.auto["trainer.mixed_precision"] = f"{cfg.hardware.mixed_precision} (hardware={cfg.hardware.name})"
+    elif requested == AUTO:
+        value, why = resolve(AUTO, use_cpu=cfg.hardware.use_cpu)
+        cfg.trainer.mixed_precision = value
+        cfg.auto["trainer.mixed_precision"] = f"{value} ({why})"
 
 
 def _fit_sampling_to_family(cfg: Any, overrides: list[str] | tuple[str, ...]) -> None:

@@ -53,6 +53,8 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
     started = time.monotonic()
     cfg = compose(overrides or [])
     logger = get_run_logger()
+    for key, choice in cfg.auto.items():
+        logger.info("%s=auto resolved to %s", key, choice)
     nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     run = open_run(cfg, flow_run_id=str(flow_run.get_id() or ""), extra_tags=nested)
     stages: dict[str, str] = {}

@@ -6,7 +6,7 @@
 Each version carries, as tags: `overrides` (the Hydra overrides, JSON), `config_hash` (SHA-256 of the full resolved
 config less `paths` and `tracking`: where results are kept is not what was trained; another learning rate is
 another hash), `packages` (the
-versions that decide the numbers) and `code_version`, next to `data_fingerprint` and `model_fingerprint` from the
+versions that decide the numbers), `mixed_precision` (what `auto` resolved to: a replay pins it) and `code_version`, next to `data_fingerprint` and `model_fingerprint` from the
 register stage; the resolved config itself is the run artifact `config/resolved.yaml`. `reproduce=` reads them,
 names what differs from this checkout before it trains, runs the recorded overrides (the caller's `paths.*` and
 `tracking.*` overrides win), and says whether the new weights equal the registered ones, bit for bit.
@@ -57,7 +57,8 @@ def record(run, version, cfg: FinetuneConfig, overrides: list[str]) -> None:
     if "overrides" in existing:
         return  # these weights were registered by an earlier run: its record stands
     tags = {"overrides": json.dumps(list(overrides)), "config_hash": stable_hash(resolved_config(cfg)),
-            "packages": packages(), "resolved_config": f"runs:/{run.run_id}/config/resolved.yaml"}
+            "packages": packages(), "resolved_config": f"runs:/{run.run_id}/config/resolved.yaml",
+            "mixed_precision": cfg.trainer.mixed_precision}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(version.name, version.version, key, value)
 
@@ -105,6 +106,10 @@ def replay_overrides(recorded: Recorded, extra: list[str]) -> list[str]:
     # a sweep trial's record may hold the sweep's own keys: replaying is one run, not the sweep again
     kept = [o for o in recorded.overrides if not o.lstrip("+~").startswith((*WHERE, "sweep."))
             and o not in ("-m", "--multirun")]
+    # the precision the weights were trained in, whatever `auto` would pick on this machine
+    precision = recorded.tags.get("mixed_precision")
+    if precision and not any(o.startswith("trainer.mixed_precision=") for o in kept + list(extra)):
+        kept.append(f"trainer.mixed_precision={precision}")
     return kept + list(extra)
 
 

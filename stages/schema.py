@@ -289,6 +289,9 @@ class FinetuneConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    auto: dict[str, str] = field(default_factory=dict)
+    """What the `auto` values resolved to on this machine and why, set by compose (e.g. trainer.mixed_precision:
+    "bf16 (CPU avx512_bf16 runs bf16 natively)"); logged to MLflow with the params."""
 
     @property
     def root(self) -> Path:

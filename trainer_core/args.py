@@ -23,7 +23,8 @@ SCHEDULERS = (
     "constant_with_warmup",
 )
 STRATEGIES = ("no", "steps", "epoch")
-PRECISIONS = ("no", "fp16", "bf16")
+OPTIMS = ("adamw_torch", "adamw_torch_fused")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
 SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 
@@ -76,6 +77,10 @@ class TrainingArguments:
     """Extra arguments of the scheduler (e.g. num_cycles, power)."""
     warmup_steps: float = 0
     """Optimizer steps of linear warmup; a value < 1 is a ratio of the total steps (ceil(total * ratio))."""
+    optim: str = "adamw_torch"
+    """adamw_torch (torch's AdamW, its default foreach / for-loop kernel) or adamw_torch_fused (one fused kernel
+    per parameter group: faster on CUDA and on CPU, and transformers.Trainer's default since torch 2.8; its floats
+    differ from adamw_torch's in the last bits). Ignored when trainer.optimizer names a class."""
     optimizer: dict[str, Any] | None = None
     """`{_target_: torch.optim.SGD, momentum: 0.9}`: an optimizer class called with (param_groups, lr=...)."""
     lr_scheduler: dict[str, Any] | None = None
@@ -86,8 +91,18 @@ class TrainingArguments:
 
     # --- precision and memory ----------------------------------------------------------------
     mixed_precision: str = "no"
-    """no, fp16 or bf16 (through Accelerate)."""
+    """no (fp32), fp16 or bf16 (through Accelerate), or auto: bf16 where the hardware runs it natively (CUDA Ampere
+    or newer, a CPU with AMX / AVX512-BF16), else no (trainer_core.precision.resolve). conf/ defaults to auto."""
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    """Compile the model's forward with torch.compile (in place: the checkpoints' names do not change)."""
+    torch_compile_backend: str | None = None
+    """torch.compile's backend (None: inductor)."""
+    torch_compile_mode: str | None = None
+    """torch.compile's mode (e.g. max-autotune-no-cudagraphs)."""
+    pad_to_multiple_of: int | None = None
+    """Pad each batch's sequence length up to a multiple of this (shape buckets: a compiled model sees few
+    shapes, and tensor cores like multiples of 8); None pads to the longest row, or to 16 with torch_compile."""
 
     # --- regularisation ----------------------------------------------------------------------
     label_smoothing_factor: float = 0.0
@@ -180,6 +195,11 @@ class TrainingArguments:
         for name in ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "logging_steps"):
             positive(name)
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of <= 0:
+            errors.append(f"trainer.pad_to_multiple_of={self.pad_to_multiple_of}: must be > 0 (e.g. 8), or null.")
+        if self.optim not in OPTIMS:
+            errors.append(f"trainer.optim={self.optim!r}: use one of {', '.join(OPTIMS)} (or trainer.optimizer: "
+                          "{_target_: <class>} for any other optimizer).")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             errors.append("trainer.max_steps / trainer.num_train_epochs: set max_steps > 0 or num_train_epochs > 0.")
         if self.warmup_ratio is not None:
@@ -240,6 +260,12 @@ class TrainingArguments:
         return errors
 
     # --- derived quantities ------------------------------------------------------------------
+    def sequence_multiple(self) -> int | None:
+        """What batches' sequence lengths are rounded up to: pad_to_multiple_of, else 16 when compiling."""
+        if self.pad_to_multiple_of is None and self.torch_compile:
+            return 16
+        return self.pad_to_multiple_of
+
     def resolved_eval_steps(self) -> int:
         return self.eval_steps if self.eval_steps else self.logging_steps
 

@@ -49,8 +49,9 @@ def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.op
     ]
     if args.optimizer:
         return instantiate(args.optimizer, groups, lr=args.learning_rate)
+    fused = {"fused": True} if args.optim == "adamw_torch_fused" else {}
     return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **fused
     )
 
 

@@ -1,12 +1,51 @@
 """Which precisions this machine can train in: the one place the trainer and the preflight ask.
 
-    from trainer_core.precision import precision_problem
+    from trainer_core.precision import precision_problem, resolve
     precision_problem("bf16")   # None, or what is wrong and what to use instead
+    resolve("auto")             # ("bf16", "CPU avx512_bf16 runs bf16 natively") or ("no", "no native bf16 ...")
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 PRECISIONS = ("no", "fp16", "bf16")
+AUTO = "auto"
+"""trainer.mixed_precision=auto: bf16 where the hardware has native bf16, else fp32 (no)."""
+
+
+def cpu_flags() -> dict[str, Any]:
+    """The instruction-set flags torch's CPU probe reports (avx512_bf16, amx_bf16, ...); {} where it cannot say."""
+    import torch
+
+    try:
+        return dict(torch._C._cpu._get_cpu_capability())  # private: torch has no public probe of these flags
+    except (AttributeError, RuntimeError, TypeError):
+        return {}
+
+
+def native_bf16(use_cpu: bool = True) -> str | None:
+    """What gives this machine native bf16 (e.g. "CPU amx_bf16", "CUDA compute capability 9.0"), None if nothing:
+    Ampere or newer on CUDA; AMX or AVX512-BF16 on the CPU (elsewhere torch emulates bf16 slowly)."""
+    import torch
+
+    if not use_cpu:
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        return f"CUDA compute capability {major}.{minor}" if major >= 8 else None
+    flags = cpu_flags()
+    return next((f"CPU {flag}" for flag in ("amx_bf16", "avx512_bf16") if flags.get(flag)), None)
+
+
+def resolve(mixed_precision: str, use_cpu: bool = True) -> tuple[str, str]:
+    """The precision to run for a requested one, and why: `auto` is bf16 where native_bf16 says so, else no."""
+    if mixed_precision != AUTO:
+        return mixed_precision, "asked for"
+    reason = native_bf16(use_cpu)
+    if reason:
+        return "bf16", f"{reason} runs bf16 natively"
+    return "no", f"no native bf16 on this {'CPU' if use_cpu else 'GPU'}: fp32"
 
 
 def bf16_supported() -> bool:
@@ -27,7 +66,7 @@ def fp16_supported() -> bool:
 def precision_problem(mixed_precision: str, key: str = "trainer.mixed_precision") -> str | None:
     """Why `mixed_precision` cannot run here (naming `key` and the fix), or None when it can."""
     if mixed_precision not in PRECISIONS:
-        return f"{key}={mixed_precision!r}: use one of {', '.join(PRECISIONS)}."
+        return f"{key}={mixed_precision!r}: use one of {', '.join((AUTO, *PRECISIONS))}."
     if mixed_precision == "bf16" and not bf16_supported():
         return (f"{key}=bf16: bf16 precision was requested but not available on this hardware. "
                 "Please use fp16 or no (fp32) instead.")

