@@ -9,6 +9,7 @@ The parameters are Hydra overrides, so a scheduled deployment run is exactly the
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -28,11 +29,15 @@ from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
 from stages.train import should_retry, train
 
 
-def _run(stage, *args: Any, report: dict[str, str], **kwargs: Any) -> Any:
-    """Call a stage task, note whether Prefect served it from cache, return its result (raising on failure)."""
+def _run(stage, *args: Any, report: dict[str, str], seconds: dict[str, float] | None = None, **kwargs: Any) -> Any:
+    """Call a stage task, note whether Prefect served it from cache and how long it took, return its result
+    (raising on failure)."""
+    started = time.monotonic()
     state = stage(*args, return_state=True, **kwargs)
     result = state.result()  # raises the stage's exception if it failed
     report[stage.name] = "cached" if state.name == "Cached" else "ran"
+    if seconds is not None:
+        seconds[stage.name] = round(time.monotonic() - started, 2)
     return result
 
 
@@ -58,16 +63,17 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
     nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     run = open_run(cfg, flow_run_id=str(flow_run.get_id() or ""), extra_tags=nested)
     stages: dict[str, str] = {}
+    times: dict[str, float] = {}
+    timed = functools.partial(_run, report=stages, seconds=times)
     try:
-        data = _run(prepare_data, cfg.task, cfg.model, cfg.paths, report=stages)
+        data = timed(prepare_data, cfg.task, cfg.model, cfg.paths)
         log_datasets(run, data, cfg.task)
-        plan = _run(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths, report=stages)
+        plan = timed(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths)
         trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds,
                                      retry_condition_fn=should_retry)  # a divergence would only diverge again
-        model = _run(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run,
-                     peft=cfg.peft, report=stages)
-        metrics = _run(evaluate, model, data, cfg.paths, report=stages)
-        predictions = _run(predict, model, data, cfg.task.test_has_labels, cfg.paths, report=stages)
+        model = timed(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, peft=cfg.peft)
+        metrics = timed(evaluate, model, data, cfg.paths)
+        predictions = timed(predict, model, data, cfg.task.test_has_labels, cfg.paths)
         final = {f"validation_{k}": v for k, v in metrics.metrics.items()}
         final.update({f"test_{k}": v for k, v in predictions.metrics.items()})
         log_metrics(run, final, step=model.global_step)
@@ -75,8 +81,7 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
         log_classification_report(run, predictions.path, list(cfg.task.label_names))
         version = None
         if register_model:
-            version = _run(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run,
-                           report=stages)
+            version = timed(register, model, metrics, data, cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run)
             lineage.record(run, version, cfg, list(overrides or []))
     except BaseException:
         end_run(run, "FAILED")
@@ -91,6 +96,7 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
         "metrics": final,
         "global_step": model.global_step,
         "stages": stages,
+        "stage_seconds": times,
         "run_dir": model.run_dir,
         "predictions": predictions.path,
         "seconds": round(time.monotonic() - started, 1),

@@ -6,7 +6,7 @@
 Each version carries, as tags: `overrides` (the Hydra overrides, JSON), `config_hash` (SHA-256 of the full resolved
 config less `paths` and `tracking`: where results are kept is not what was trained; another learning rate is
 another hash), `packages` (the
-versions that decide the numbers), `mixed_precision` (what `auto` resolved to: a replay pins it) and `code_version`, next to `data_fingerprint` and `model_fingerprint` from the
+versions that decide the numbers) and `code_version`, next to `data_fingerprint` and `model_fingerprint` from the
 register stage; the resolved config itself is the run artifact `config/resolved.yaml`. `reproduce=` reads them,
 names what differs from this checkout before it trains, runs the recorded overrides (the caller's `paths.*` and
 `tracking.*` overrides win), and says whether the new weights equal the registered ones, bit for bit.
@@ -57,8 +57,7 @@ def record(run, version, cfg: FinetuneConfig, overrides: list[str]) -> None:
     if "overrides" in existing:
         return  # these weights were registered by an earlier run: its record stands
     tags = {"overrides": json.dumps(list(overrides)), "config_hash": stable_hash(resolved_config(cfg)),
-            "packages": packages(), "resolved_config": f"runs:/{run.run_id}/config/resolved.yaml",
-            "mixed_precision": cfg.trainer.mixed_precision}
+            "packages": packages(), "resolved_config": f"runs:/{run.run_id}/config/resolved.yaml"}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(version.name, version.version, key, value)
 
@@ -70,6 +69,14 @@ class Recorded:
     version: str
     overrides: list[str]
     tags: dict[str, str]
+    pinned: dict[str, str] = dataclasses.field(default_factory=dict)
+    """PINNED keys as the version's resolved config has them (a replay sets them)."""
+
+
+PINNED = {"trainer.mixed_precision": "no", "trainer.optim": "adamw_torch"}
+"""Keys a replay takes from the recorded resolved config, not from today's defaults, with the value a config
+recorded before the key existed meant: mixed_precision (auto resolves per machine; it defaulted to no) and optim
+(the default became adamw_torch_fused)."""
 
 
 def find(reference: str, tracking_uri: str) -> Recorded:
@@ -98,7 +105,24 @@ def find(reference: str, tracking_uri: str) -> Recorded:
     if "overrides" not in found.tags:
         raise ConfigError(f"reproduce={reference}: version {found.version} records no overrides (registered before "
                           "lineage was recorded); re-create it from its run's params instead.")
-    return Recorded(tracking_uri, name, found.version, json.loads(found.tags["overrides"]), dict(found.tags))
+    return Recorded(tracking_uri, name, found.version, json.loads(found.tags["overrides"]), dict(found.tags),
+                    _pinned(mlflow_client, found.tags.get("resolved_config", "")))
+
+
+def _pinned(mlflow_client, resolved_uri: str) -> dict[str, str]:
+    """PINNED's keys from the resolved config artifact `runs:/<id>/config/resolved.yaml` ({} without one)."""
+    import yaml
+
+    run_id, _, path = resolved_uri.removeprefix("runs:/").partition("/")
+    if not resolved_uri.startswith("runs:/") or not path:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        config = yaml.safe_load(Path(mlflow_client.download_artifacts(run_id, path, folder)).read_text())
+    pinned = {}
+    for key, default in PINNED.items():
+        group, name = key.split(".", 1)
+        pinned[key] = str((config.get(group) or {}).get(name, default))
+    return pinned
 
 
 def replay_overrides(recorded: Recorded, extra: list[str]) -> list[str]:
@@ -106,10 +130,9 @@ def replay_overrides(recorded: Recorded, extra: list[str]) -> list[str]:
     # a sweep trial's record may hold the sweep's own keys: replaying is one run, not the sweep again
     kept = [o for o in recorded.overrides if not o.lstrip("+~").startswith((*WHERE, "sweep."))
             and o not in ("-m", "--multirun")]
-    # the precision the weights were trained in, whatever `auto` would pick on this machine
-    precision = recorded.tags.get("mixed_precision")
-    if precision and not any(o.startswith("trainer.mixed_precision=") for o in kept + list(extra)):
-        kept.append(f"trainer.mixed_precision={precision}")
+    # keys whose default changed, or that `auto` decides per machine: the values the weights were trained with
+    given = {o.split("=", 1)[0] for o in kept + list(extra)}
+    kept += [f"{key}={value}" for key, value in recorded.pinned.items() if key not in given]
     return kept + list(extra)
 
 

@@ -421,7 +421,7 @@ class Trainer:
         self.control._new_training()
         self.control = self._fire("on_train_begin")
         batches = iter(self._train_loader)
-        self._sigterm, self._sigterm_seen = False, False
+        self._sigterm, self._sigterm_sent, self._sigterm_seen = False, False, False
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if args.save_on_sigterm else None
         try:
             step = start_step
@@ -434,7 +434,8 @@ class Trainer:
                 # each rank holds its share of the window's losses: their sum is the mean loss per item. A SIGTERM
                 # flag rides along in the same collective: every rank learns whether any got one. The result stays
                 # on the device until the next logging / eval / save step reads it (_settle): no sync in between
-                flag = torch.tensor(float(self._sigterm), device=local_loss.device, dtype=local_loss.dtype)
+                self._sigterm_sent = self._sigterm  # what this rank put in the collective, as of this step
+                flag = torch.tensor(float(self._sigterm_sent), device=local_loss.device, dtype=local_loss.dtype)
                 reduced = acc.reduce(torch.stack([local_loss, flag]), reduction="sum")
                 self._pending.append(_PendingStep(step + 1, reduced, grad_norm, self._step_learning_rate,
                                                   self._step_skipped()))
@@ -479,10 +480,11 @@ class Trainer:
         self._sigterm = True  # acted on at a step boundary, by every rank at the same step (_sigterm_agreed)
 
     def _sigterm_agreed(self) -> bool:
-        """Whether the ranks stop here: one process stops at the end of the step SIGTERM came in; several stop at
-        the next logging / eval / save step, where the flag that rode in the loss all-reduce is read (_settle)."""
+        """Whether the ranks stop here: one process stops at the end of the step SIGTERM came in during; several
+        stop at the next logging / eval / save step, where the flag that rode in the loss all-reduce is read
+        (_settle)."""
         if self.accelerator.num_processes == 1:
-            return self._sigterm
+            return self._sigterm_sent
         return self._sigterm_seen
 
     def _step_skipped(self) -> bool:

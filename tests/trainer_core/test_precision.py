@@ -82,10 +82,12 @@ def test_an_in_process_trainer_resolves_auto_too(monkeypatch, tmp_path, flags, e
     assert str(trainer.accelerator.mixed_precision) == expected
 
 
-def test_a_replay_pins_the_precision_the_version_was_trained_in() -> None:
+def test_a_replay_pins_what_the_version_was_trained_with() -> None:
     from stages.lineage import Recorded, replay_overrides
 
-    recorded = Recorded("sqlite://", "m", "1", ["trainer.learning_rate=1e-4"], {"mixed_precision": "bf16"})
-    assert replay_overrides(recorded, []) == ["trainer.learning_rate=1e-4", "trainer.mixed_precision=bf16"]
-    assert replay_overrides(recorded, ["trainer.mixed_precision=no"])[-1] == "trainer.mixed_precision=no"
-    assert "trainer.mixed_precision=bf16" not in replay_overrides(recorded, ["trainer.mixed_precision=no"])
+    pinned = {"trainer.mixed_precision": "bf16", "trainer.optim": "adamw_torch"}
+    recorded = Recorded("sqlite://", "m", "1", ["trainer.learning_rate=1e-4"], {}, pinned)
+    assert replay_overrides(recorded, []) == ["trainer.learning_rate=1e-4", "trainer.mixed_precision=bf16",
+                                              "trainer.optim=adamw_torch"]
+    mine = replay_overrides(recorded, ["trainer.mixed_precision=no"])
+    assert mine[-1] == "trainer.mixed_precision=no" and "trainer.mixed_precision=bf16" not in mine
