@@ -106,3 +106,24 @@ def test_the_sweep_deployment_runs_its_trials_two_at_a_time(served, glue_data, t
     # ... each holding a slot of the sweep's global concurrency limit on the server, all released at the end
     assert report["concurrency_limit"].startswith("finetune-sweep-")
     assert limit.limit == 2 and limit.active_slots == 0
+
+
+def test_the_sweep_limit_holds_trials_to_its_slots_and_a_new_start_frees_a_killed_runs(prefect_server, tmp_path) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from flows.sweep import plan_sweep, set_trial_limit
+    from tests.serving.conftest import prefect_client
+
+    plan = plan_sweep(["-m", "model=tiny_bert", "trainer.seed=1,2", "sweep.max_parallel=1", f"paths.root={tmp_path}"])
+    with prefect_client(prefect_server.url, tmp_path / "prefect") as client:
+        set_trial_limit(plan)
+        # a trial of a run killed with its slot held: the lease outlives the process
+        client.increment_concurrency_slots_with_lease([plan.trial_limit], slots=1, mode="concurrency",
+                                                      lease_duration=300)
+        with pytest.raises(TimeoutError):  # the one slot is taken: the next trial waits
+            with concurrency(plan.trial_limit, timeout_seconds=3, strict=True):
+                pass
+        set_trial_limit(plan)  # the sweep started again
+        with concurrency(plan.trial_limit, timeout_seconds=10, strict=True):
+            assert client.read_global_concurrency_limit_by_name(plan.trial_limit).active_slots == 1
+        assert client.read_global_concurrency_limit_by_name(plan.trial_limit).limit == 1
