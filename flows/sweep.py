@@ -39,6 +39,7 @@ import contextvars
 import itertools
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -193,6 +194,9 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
     if search == "optuna":
         identity.update(sampler=base.sweep.sampler, seed=base.sweep.seed, pruner=base.sweep.pruner)
     name = base.sweep.study_name or f"{search}-{stable_hash(identity)[:12]}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"sweep.study_name={name!r}: use letters, digits, '.', '_' and '-' only (it names the "
+                          "sweep's folder and its Prefect concurrency limit), e.g. sweep.study_name=lr-search-1.")
     plan = SweepPlan(overrides=overrides, fixed=trial_fixed, params=params, base=base, name=name)
     for own in _probes(plan):  # unknown keys, wrong types and cross-field problems, before any trial starts
         try:
