@@ -15,7 +15,11 @@ Deployments (their only parameter is the Hydra override list, so a scheduled run
   finetune/nightly-glue   cron --nightly-cron (default "0 2 * * *", --timezone UTC), overrides ["task=glue"]
   finetune/default        no schedule, overrides []: trigger it by hand with your overrides
   finetune/sweep          no schedule, sweep overrides (default ["-m", "trainer.learning_rate=1e-5,3e-5,5e-5"]):
-                          the run hands them to the finetune-sweep flow (flows/sweep.py), one child run per trial
+                          the run hands them to the finetune-sweep flow (flows/sweep.py), one child run per trial,
+                          sweep.max_parallel at a time (each holds a slot of the server's global concurrency limit
+                          `finetune-sweep-<sweep name>`, which the sweep creates at sweep.max_parallel slots)
+
+    prefect deployment run 'finetune/sweep' --param 'overrides=["-m","trainer.seed=1,2,3","sweep.max_parallel=2"]'
 
 At most --max-trainings train stages run at once across every flow run of this server: the serve process sets
 the tag concurrency limit of the train task's tag `finetune-train` (the same as running

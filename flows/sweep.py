@@ -22,6 +22,12 @@ evaluate during training) and stops a weak trial's ranks through flows/pruning.p
 registered. Only the best completed trial is registered (sweep.register=all: every completed one, best first;
 none: none), through the same champion gate as a single run.
 
+Trials run sweep.max_parallel at a time (threads of this flow, each trial a child flow run), and each holds a
+slot of the Prefect global concurrency limit `finetune-sweep-<name>` (limit = sweep.max_parallel, created at the
+sweep's start on the configured API: a `prefect server`, or the ephemeral one under paths.root) while it runs; lower
+it from the UI or with `prefect gcl update finetune-sweep-<name> --limit 1` and the next trials wait for a slot.
+The train stages of every flow run on the server are capped too, by the `finetune-train` tag limit (flows/serve.py).
+
 Exit codes: 0 every trial completed or was pruned; 3 the sweep completed but at least one trial failed (the
 others' results, the best trial and its registration stand); 2 bad input (before any trial starts); 1 the sweep
 itself failed. The report is printed and written to <paths.root>/sweeps/<name>/report.json.
@@ -33,6 +39,7 @@ import contextvars
 import itertools
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -48,6 +55,7 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 COMPLETED_WITH_FAILURES = 3
 """Exit code of a sweep that ran to its end with at least one failed trial."""
 STUDY_STORAGE = "optuna.journal"
+TRIAL_LIMIT_PREFIX = "finetune-sweep-"
 
 
 # --- the search space ------------------------------------------------------------------------------
@@ -148,6 +156,11 @@ class SweepPlan:
     def trial_overrides(self, own: list[str]) -> list[str]:
         return [*self.fixed, *own]
 
+    @property
+    def trial_limit(self) -> str:
+        """The Prefect global concurrency limit a trial holds a slot of while it runs."""
+        return f"{TRIAL_LIMIT_PREFIX}{self.name}"
+
 
 def is_sweep(argv: list[str]) -> bool:
     """`-m` / `--multirun` anywhere, or sweep.search other than grid: flows.finetune hands these to this module."""
@@ -181,6 +194,9 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
     if search == "optuna":
         identity.update(sampler=base.sweep.sampler, seed=base.sweep.seed, pruner=base.sweep.pruner)
     name = base.sweep.study_name or f"{search}-{stable_hash(identity)[:12]}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"sweep.study_name={name!r}: use letters, digits, '.', '_' and '-' only (it names the "
+                          "sweep's folder and its Prefect concurrency limit), e.g. sweep.study_name=lr-search-1.")
     plan = SweepPlan(overrides=overrides, fixed=trial_fixed, params=params, base=base, name=name)
     for own in _probes(plan):  # unknown keys, wrong types and cross-field problems, before any trial starts
         try:
@@ -248,13 +264,17 @@ def _hydra_literal(value: Any) -> str:
 
 def _run_trial(plan: SweepPlan, trial: Trial, parent_run_id: str, extra: list[str] = ()) -> Trial:
     """One child flow run of `finetune`; a failure is recorded on the trial, never raised."""
+    from prefect.concurrency.sync import concurrency
+
     from flows.pipeline import finetune
     from stages.tracking import client
 
-    started = time.monotonic()
     child = finetune.with_options(flow_run_name=f"{plan.name}-trial-{trial.number:03d}")
-    state = child(overrides=plan.trial_overrides([*trial.own, *extra]), parent_run_id=parent_run_id,
-                  register_model=False, return_state=True)
+    # strict: a missing limit is an error, not a silent free-for-all; a lease renewal hiccup must not kill a trial
+    with concurrency(plan.trial_limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        started = time.monotonic()
+        state = child(overrides=plan.trial_overrides([*trial.own, *extra]), parent_run_id=parent_run_id,
+                      register_model=False, return_state=True)
     trial.seconds = round(time.monotonic() - started, 1)
     mlflow_client = client(_tracking_uri(plan))
     try:
@@ -271,6 +291,22 @@ def _run_trial(plan: SweepPlan, trial: Trial, parent_run_id: str, extra: list[st
     else:
         trial.state, trial.value = "COMPLETE", float(value)
     return trial
+
+
+def set_trial_limit(plan: SweepPlan) -> None:
+    """Create the sweep's global concurrency limit afresh, at sweep.max_parallel slots. Afresh: one sweep process
+    runs a study at a time, so slots still held are a killed run's (their leases would block a resume for minutes)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_global_concurrency_limit_by_name(plan.trial_limit)
+        except ObjectNotFound:
+            pass
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=plan.trial_limit, limit=plan.base.sweep.max_parallel))
 
 
 def _tracking_uri(plan: SweepPlan) -> str:
@@ -701,6 +737,7 @@ def _finetune_sweep(overrides: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     plan = plan_sweep(overrides)
     logger = get_run_logger()
+    set_trial_limit(plan)
     parent = _open_parent(plan, str(flow_run.get_id() or ""))
     mlflow_client = client(parent.tracking_uri)
     log_params_once(parent, {f"sweep.space.{k}": v for k, v in plan.space().items()} | {"sweep.metric": plan.metric})
@@ -719,6 +756,8 @@ def _finetune_sweep(overrides: list[str]) -> dict[str, Any]:
         "higher_is_better": plan.higher_is_better,
         "mlflow_run_id": parent.run_id,
         "tracking_uri": parent.tracking_uri,
+        "max_parallel": plan.base.sweep.max_parallel,
+        "concurrency_limit": plan.trial_limit,
         "trials": [t.summary() for t in ranked(trials, plan.higher_is_better)],
         "best": best.summary() if best else None,
         "registered": registered,

@@ -26,7 +26,7 @@ from trainer_core.args import TrainingArguments
 from trainer_core.spec import DISK_FULL, DIVERGED, PREEMPTED, ModelSpec, RunSpec
 
 NAME = "train"
-CODE = ("stages.train", "trainer_core")
+CODE = ("stages.train", "trainer_core", "flows.pruning")  # flows.pruning: a sweep trial's callback, run in the ranks
 SHIP_EVERY_SECONDS = 5.0
 STOP_GRACE_SECONDS = 60.0
 """A cancelled flow gives its ranks this long to checkpoint the step they are at before it SIGKILLs them."""

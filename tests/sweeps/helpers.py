@@ -34,14 +34,16 @@ def mlflow_runs(root: Path) -> list:
 
 
 def prefect_flow_runs(root: Path) -> list[dict]:
-    """Every flow run in the ephemeral API's database: name, flow, state and the flow run it nests under."""
+    """Every flow run in the ephemeral API's database: name, flow, state, the flow run it nests under, and when it
+    started and ended (as the server recorded them)."""
     db = sqlite3.connect(root / "prefect" / "prefect.db")
     rows = db.execute(
-        "select fr.id, fr.name, f.name, fr.state_type, parent.flow_run_id from flow_run fr "
+        "select fr.id, fr.name, f.name, fr.state_type, parent.flow_run_id, fr.start_time, fr.end_time from flow_run fr "
         "join flow f on f.id = fr.flow_id left join task_run parent on parent.id = fr.parent_task_run_id"
     ).fetchall()
     db.close()
-    return [dict(zip(("id", "name", "flow", "state", "parent_flow_run_id"), row, strict=True)) for row in rows]
+    keys = ("id", "name", "flow", "state", "parent_flow_run_id", "start_time", "end_time")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
 def prefect_artifact(root: Path, key: str) -> str:

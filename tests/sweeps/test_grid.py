@@ -3,17 +3,20 @@
 The grid crosses a sane and a diverging learning rate with the divergence guard on and off: the guarded diverging
 trial fails (the train stage's guard), the unguarded one trains on to the end (like the HF Trainer), so the sweep
 ends with 3 completed trials and 1 failed, and says so in its exit code. Run once per module and shared by the
-assertions; then the identical grid runs again and is served from the cache.
+assertions; then the identical grid runs again and is served from the cache. Two trials at a time
+(sweep.max_parallel=2): the first alone (it fills the shared stages' cache), then the other three two by two.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 import pytest
 
 from tests.sweeps.helpers import TINY_TRIAL, mlflow_runs, prefect_artifact, prefect_flow_runs, sweep_report
 
 pytestmark = pytest.mark.integration
-GRID = ["-m", "trainer.learning_rate=1e-3,1e6", "trainer.stop_on_nonfinite=true,false"]
+GRID = ["-m", "trainer.learning_rate=1e-3,1e6", "trainer.stop_on_nonfinite=true,false", "sweep.max_parallel=2"]
 FAILING = ["trainer.learning_rate=1000000.0", "trainer.stop_on_nonfinite=True"]  # as Hydra lists the values
 
 
@@ -59,6 +62,12 @@ def test_four_child_runs_nest_under_one_parent_run(first, root) -> None:
     trials = [f for f in flow_runs if f["flow"] == "finetune"]
     assert len(trials) == 4 and all(f["parent_flow_run_id"] == sweep_run["id"] for f in trials)
     assert sorted(f["state"] for f in trials) == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"]
+    # two at a time, as the server recorded them: trial 0 alone, then 1 and 2 together, 3 once a slot was free
+    times = {int(f["name"].rsplit("-", 1)[1]): (datetime.fromisoformat(f["start_time"]),
+                                                datetime.fromisoformat(f["end_time"])) for f in trials}
+    assert times[0][1] <= min(times[1][0], times[2][0])
+    assert max(times[1][0], times[2][0]) < min(times[1][1], times[2][1]), times
+    assert times[3][0] >= min(times[1][1], times[2][1]), times
 
 
 def test_tokenization_ran_once(first, root) -> None:

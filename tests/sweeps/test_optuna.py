@@ -1,15 +1,18 @@
-"""An Optuna sweep with pruning, killed after its first trial and run again: it resumes.
+"""An Optuna sweep of 6 trials with pruning, killed half way (3 trials finished) and run again: it resumes.
 
 The search space holds a sane and a diverging learning rate, with the divergence guard off: a diverging trial
 trains on with garbage weights, its evaluations fall below the median of the finished trials, and the median
 pruner stops it (its ranks stop at the next step: it trains fewer than max_steps). The sampler's seed makes the
-first trial the sane one (the pruner's baseline) and puts a diverging one among the next, whether the kill comes
-before or after the second trial was asked. One study, two invocations, shared by the assertions.
+first trial the sane one (the pruner's baseline), the next two diverging ones (pruned before the kill), and the
+resumed sweep's trials one sane and two diverging, whether the kill comes before or after the fourth trial was
+asked. Pruned trials stop after 5 steps, so 4 of the 6 trials are cheap. One study, two invocations, shared by
+the assertions.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +25,12 @@ from tests.pipeline.helpers import REPO
 from tests.sweeps.helpers import TINY_TRIAL, mlflow_runs, sweep_report
 
 pytestmark = pytest.mark.integration
-MAX_STEPS = 40
+MAX_STEPS = 16
+N_TRIALS = 6
+KILL_AFTER = 3
+"""Trials finished (completed or pruned) when the first invocation is killed."""
 SEARCH = [
-    "sweep.search=optuna", "sweep.n_trials=3", "sweep.study_name=pruning", "sweep.seed=11",
+    "sweep.search=optuna", f"sweep.n_trials={N_TRIALS}", "sweep.study_name=pruning", "sweep.seed=11",
     "sweep.pruner=median", "sweep.pruner_startup_trials=1",
     "trainer.learning_rate=choice(1e-3,1e6)", "trainer.stop_on_nonfinite=false",
     "trainer.eval_strategy=steps", "trainer.eval_steps=4",
@@ -44,7 +50,7 @@ def _study(root: Path):
 
 def _finished(root: Path) -> int:
     try:
-        return sum(t.state.name == "COMPLETE" for t in _study(root).get_trials(deepcopy=False))
+        return sum(t.state.name in ("COMPLETE", "PRUNED") for t in _study(root).get_trials(deepcopy=False))
     except (KeyError, FileNotFoundError, OSError):
         return 0  # not created yet
 
@@ -67,11 +73,11 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed(root):
-    """The sweep, killed (SIGKILL) as soon as its first trial is complete."""
+    """The sweep, killed (SIGKILL) as soon as KILL_AFTER trials finished."""
     proc = subprocess.Popen([sys.executable, "-m", "flows.finetune", *SEARCH, f"paths.root={root}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 900
-    while proc.poll() is None and _finished(root) < 1 and time.monotonic() < deadline:
+    while proc.poll() is None and _finished(root) < KILL_AFTER and time.monotonic() < deadline:
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     _kill_ranks(root)
@@ -84,29 +90,33 @@ def resumed(run_cli, root, killed):
     return run_cli([*SEARCH, f"paths.root={root}"], timeout=900)
 
 
-def test_the_sweep_was_killed_after_its_first_trial(killed, root) -> None:
+def test_the_sweep_was_killed_half_way(killed, root) -> None:
     returncode, output = killed
     assert returncode == -signal.SIGKILL, output[-4000:]
     states = [t.state.name for t in _study(root).get_trials(deepcopy=False)]
-    assert states[0] == "COMPLETE" and "COMPLETE" not in states[1:]
+    # trial 0 the pruner's baseline, 1 and 2 pruned; the fourth, if asked yet, was still running
+    assert states[:KILL_AFTER] == ["COMPLETE", "PRUNED", "PRUNED"] and states[KILL_AFTER:] in ([], ["RUNNING"]), states
 
 
 def test_resuming_does_not_rerun_finished_trials(resumed, root) -> None:
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
-    assert "resuming, 1 of 3 trials already finished" in output
-    # trial 0's flow did not run again; the interrupted trial's values did, as trial 2 (or 1, had it not been asked)
-    assert "Flow run 'pruning-trial-000'" not in output and "Flow run 'pruning-trial-002'" in output
+    assert f"resuming, {KILL_AFTER} of {N_TRIALS} trials already finished" in output
+    # the finished trials' flows did not run again; three more did (the interrupted trial's values among them)
+    ran = sorted(int(n) for n in re.findall(r"Flow run 'pruning-trial-(\d+)'", output))
+    assert ran and min(ran) >= KILL_AFTER and len(set(ran)) == N_TRIALS - KILL_AFTER, ran
     report = sweep_report(root)
-    assert sum(report["counts"].values()) == 3 and report["counts"]["FAILED"] == 0
-    assert sorted(t["number"] for t in report["trials"])[0] == 0
-    # one parent run across both invocations; trial 0's child run is the one from before the kill
+    assert sum(report["counts"].values()) == N_TRIALS and report["counts"]["FAILED"] == 0
+    numbers = sorted(t["number"] for t in report["trials"])
+    assert numbers[:KILL_AFTER] == [0, 1, 2] and numbers[KILL_AFTER:] == sorted(set(ran)), numbers
+    # one parent run across both invocations; the finished trials' child runs are the ones from before the kill
     runs = mlflow_runs(root)
     (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
     assert parent.info.status == "FINISHED" and parent.info.run_id == report["mlflow_run_id"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert [r.data.tags.get("sweep.trial") for r in children].count("0") == 1
-    assert sorted(r.info.status for r in children).count("FINISHED") == 3
+    trial_tags = [r.data.tags.get("sweep.trial") for r in children]
+    assert all(trial_tags.count(str(n)) == 1 for n in numbers), trial_tags
+    assert sorted(r.info.status for r in children).count("FINISHED") == N_TRIALS
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
 
 
@@ -117,9 +127,11 @@ def test_a_weak_trial_is_pruned_early_and_not_registered(resumed, root) -> None:
     pruned = [t for t in report["trials"] if t["state"] == "PRUNED"]
     assert pruned, report["trials"]
     assert all(t["params"]["trainer.learning_rate"] == "1000000.0" for t in pruned)
-    # its ranks stopped when asked: fewer steps than planned (the trials of this invocation know their steps)
-    stopped = [t for t in pruned if t["global_step"] is not None]
-    assert stopped and all(t["global_step"] < MAX_STEPS for t in stopped), stopped
+    # their ranks stopped when asked: fewer steps than planned, before and after the kill
+    assert {t["number"] < KILL_AFTER for t in pruned} == {True, False}, pruned
+    assert all(t["global_step"] < MAX_STEPS for t in pruned), pruned
+    completed = [t for t in report["trials"] if t["state"] == "COMPLETE"]
+    assert all(t["global_step"] == MAX_STEPS for t in completed), completed
     best = report["best"]
     assert best["state"] == "COMPLETE" and best["params"]["trainer.learning_rate"] == "0.001"
     (version,) = MlflowClient(f"sqlite:///{root}/mlflow.db").search_model_versions("")

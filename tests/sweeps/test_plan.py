@@ -66,6 +66,7 @@ def test_is_sweep(argv, routed) -> None:
     (["-m", "trainer.learning_rate=interval(1e-5,1e-3)"], "interval() is a continuous range, which a grid cannot list"),
     (["-m", "sweep.max_parallel=1,2", "trainer.seed=1,2"], "sweep.max_parallel=1,2: the sweep.* keys configure"),
     (["-m", "trainer.learning_rate=1e-3,-1"], "sweep trial trainer.learning_rate=-1: "),
+    (["-m", "trainer.seed=1,2", "sweep.study_name=lr/1"], "sweep.study_name='lr/1': use letters, digits"),
 ])
 def test_bad_input_is_one_message_naming_the_key(argv, message) -> None:
     with pytest.raises(ConfigError) as caught:
