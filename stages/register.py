@@ -188,10 +188,12 @@ def _best_checkpoint_model_id(mlflow_client, model: ModelRef, run: RunInfo) -> s
     from stages.checkpoint_store import MANIFEST_SHA, manifest_sha
 
     try:
+        if not json.loads(Path(model.spec_path).read_text())["args"].get("load_best_model_at_end"):
+            return None  # the registered weights are the last step's, not a checkpoint's
         best = json.loads((Path(model.path) / "train_result.json").read_text()).get("best_model_checkpoint")
         folder = Path(model.run_dir) / "checkpoints" / Path(best).name if best else None
         sha = manifest_sha(folder) if folder else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):
         return None
     if sha is None:
         return None
@@ -201,11 +203,14 @@ def _best_checkpoint_model_id(mlflow_client, model: ModelRef, run: RunInfo) -> s
 
 
 def _link_checkpoint(mlflow_client, model_id: str, name: str, version: str) -> None:
-    """What mlflow.register_model records on a LoggedModel: the open-source registry keeps no model_id on the
-    version itself, the LoggedModel's `mlflow.modelVersions` tag is the link the UI follows."""
+    """The open-source registry keeps no model_id on the version itself: the LoggedModel's `mlflow.modelVersions`
+    tag is the link the UI follows. An `mlflow server` sets it when the version is created with model_id; a
+    local store does not, so it is set here when missing."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     linked = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if any(entry.get("name") == name and str(entry.get("version")) == version for entry in linked):
+        return
     linked.append({"name": name, "version": version})
     mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
 
