@@ -178,6 +178,9 @@ class CheckpointUploader:
         self.client = client(run.tracking_uri)
         self.poll_seconds = poll_seconds
         self.uploaded: dict[int, Uploaded] = {}
+        """step -> its READY LoggedModel on the server (rotated ones leave)."""
+        self.uploads = 0
+        """How many checkpoints this uploader sent."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -246,6 +249,7 @@ class CheckpointUploader:
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)  # after the last file
         self.client.log_outputs(self.run.run_id, [LoggedModelOutput(model.model_id, step)])
         done = self.uploaded[step] = Uploaded(step, model.model_id, sha)
+        self.uploads += 1
         self.logger.info("train: checkpoint step %d logged to MLflow as %s", step, model.model_id)
         return done
 
