@@ -181,6 +181,8 @@ class CheckpointUploader:
         """step -> its READY LoggedModel on the server (rotated ones leave)."""
         self.uploads = 0
         """How many checkpoints this uploader sent."""
+        self._known = False
+        """Whether `uploaded` holds what the server had when we started (asked again while it does not answer)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -188,7 +190,6 @@ class CheckpointUploader:
 
     # --- the thread ------------------------------------------------------------------------------
     def start(self) -> CheckpointUploader:
-        self._known_on_server()
         self._thread = threading.Thread(target=self._loop, name="checkpoint-uploader", daemon=True)
         self._thread.start()
         return self
@@ -201,8 +202,10 @@ class CheckpointUploader:
         self.sync()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            self.sync()
+        while True:
+            self.sync()  # the first pass learns what the server holds, and uploads what a stopped attempt left
+            if self._stop.wait(self.poll_seconds):
+                return
 
     def _known_on_server(self) -> None:
         """READY checkpoints of this content key already there (a retry, a resume): not uploaded again."""
@@ -216,6 +219,9 @@ class CheckpointUploader:
         """Upload every committed checkpoint not yet uploaded (oldest first), then mirror the rotation."""
         with self._lock:
             try:
+                if not self._known:
+                    self._known_on_server()
+                    self._known = True
                 for folder in ckpt.list_checkpoints(self.run_dir):
                     if self._needs_upload(folder):
                         self._upload(folder)
