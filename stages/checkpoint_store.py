@@ -11,9 +11,9 @@
 A LoggedModel is initialised (PENDING), its files uploaded, its step's eval metrics linked to it (`model_id`),
 and only then finalised READY: a PENDING or FAILED one is never resumed from, and a READY one is still checked
 against the SHA-256s of its manifest once downloaded. Each carries the train stage's content key (what decides
-the weights, with no path in it), so a run on another machine with an empty paths.root finds it. Rotation is
-mirrored: what trainer_core's save_total_limit removed from the run folder is deleted from the server too,
-never the best checkpoint.
+the weights, with no path in it), so a run on another machine with an empty paths.root finds it; only runs that
+did not finish are resumed from. Rotation is mirrored: what trainer_core's save_total_limit removed from the run
+folder is deleted from the server too, never the best checkpoint nor a finished run's.
 """
 
 from __future__ import annotations
@@ -79,12 +79,26 @@ def _ready(model) -> bool:
     return str(getattr(model.status, "name", model.status)).endswith("READY")
 
 
+def _finished(mlflow_client, model, seen: dict[str, bool]) -> bool:
+    """Whether the run that logged this checkpoint finished: its training is complete (and maybe registered),
+    so its checkpoints are not a resume point (`reproduce=` retrains from step 0) nor ours to rotate."""
+    run_id = model.source_run_id
+    if run_id not in seen:
+        try:
+            seen[run_id] = mlflow_client.get_run(run_id).info.status == "FINISHED"
+        except Exception:  # noqa: BLE001 - a deleted run: nothing to protect
+            seen[run_id] = False
+    return seen[run_id]
+
+
 def newest_checkpoint(tracking_uri: str, experiment_id: str, key: str, skip: set[str] = frozenset()):
-    """The newest READY checkpoint LoggedModel of this content key, or None."""
+    """The newest READY checkpoint LoggedModel of this content key from a run that did not finish (killed,
+    failed, or running: an interrupted training), or None."""
     from stages.tracking import client
 
-    for model in checkpoint_models(client(tracking_uri), experiment_id, key):
-        if _ready(model) and model.model_id not in skip:
+    mlflow_client, seen = client(tracking_uri), {}
+    for model in checkpoint_models(mlflow_client, experiment_id, key):
+        if _ready(model) and model.model_id not in skip and not _finished(mlflow_client, model, seen):
             return model
     return None
 
@@ -285,9 +299,10 @@ class CheckpointUploader:
         if not local or not self.save_total_limit:  # no limit: trainer_core deletes nothing, neither do we
             return
         best = _best_step(ckpt.checkpoint_dir(self.run_dir, max(local)))
+        seen: dict[str, bool] = {}
         for model in checkpoint_models(self.client, self.run.experiment_id, self.key):
             step = _step_of(model)
-            if step in local or step == best or not _ready(model):
+            if step in local or step == best or not _ready(model) or _finished(self.client, model, seen):
                 continue
             self.client.delete_logged_model(model.model_id)
             self.uploaded.pop(step, None)

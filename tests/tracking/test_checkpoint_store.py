@@ -125,3 +125,15 @@ def test_a_cut_upload_is_never_resumed_from(run, tmp_path):
     assert store._step_of(model) == 2 and path == ckpt.checkpoint_dir(elsewhere, 2)
     assert ckpt.verify(path) is None and ckpt.find_resumable(elsewhere) == path
     assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_a_finished_runs_checkpoints_are_not_a_resume_point(run, tmp_path):
+    """`reproduce=` re-runs a registered version's config against the same server: it must train from step 0,
+    not resume from the last checkpoint of the run it reproduces."""
+    uploader = store.CheckpointUploader(run, "key-f", tmp_path / "source", log).start()
+    _commit(tmp_path / "source", 2)
+    uploader.close()
+    assert store.fetch_newest(run, "key-f", tmp_path / "killed-elsewhere", log) is not None  # RUNNING: resumable
+    client(run.tracking_uri).set_terminated(run.run_id, status="FINISHED")
+    assert store.fetch_newest(run, "key-f", tmp_path / "again", log) is None
+    assert not (tmp_path / "again" / "checkpoints").exists()
