@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return reproduce(overrides)
     try:
         cfg = compose(overrides)
-        runtime.configure(cfg.paths.root)
+        runtime.configure(cfg.paths.root, cfg.paths.results)
         preflight(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,11 +11,32 @@ import os
 from pathlib import Path
 
 
-def configure(root: str | Path) -> None:
+def results_path(root: str | Path, results: str | None = None) -> Path:
+    """Where Prefect keeps the cached stages' records (paths.results): a path or a file:// URL, e.g. a
+    filesystem every worker mounts; None = <paths.root>/prefect/results."""
+    from urllib.parse import urlparse
+
+    from stages.schema import ConfigError
+
+    if not results:
+        return Path(root).resolve() / "prefect" / "results"
+    parsed = urlparse(results)
+    if parsed.scheme == "file":
+        return Path(parsed.path).resolve()
+    if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise ConfigError(
+            f"paths.results={results}: the stages read their cache records as files, so the result storage must be a "
+            "path or file:// URL (mount the shared storage, e.g. NFS or s3fs, and give its mount point)."
+        )
+    return Path(results).resolve()
+
+
+def configure(root: str | Path, results: str | None = None) -> None:
+    storage = results_path(root, results)
     root = Path(root).resolve()  # nothing is created here: a refused run leaves no trace
     defaults = {
         "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect" / "results"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The first start in a new home runs the DB migrations: Prefect's 20 s default is too tight on 2 cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -34,7 +55,7 @@ def configure(root: str | Path) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     # Prefect's own settings win over a user's profile for these two: our cache lives under paths.root.
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(root / "prefect" / "results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
     for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -182,7 +182,41 @@ def _existing_version(mlflow_client, name: str, fingerprint: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: dict[str, str]):
+def _best_checkpoint_model_id(mlflow_client, model: ModelRef, run: RunInfo) -> str | None:
+    """With load_best_model_at_end: the LoggedModel of the best checkpoint (found by its manifest's SHA-256,
+    which the train stage's uploader tags it with), so the version shows the metrics it was chosen on."""
+    from stages.checkpoint_store import MANIFEST_SHA, manifest_sha
+
+    try:
+        if not json.loads(Path(model.spec_path).read_text())["args"].get("load_best_model_at_end"):
+            return None  # the registered weights are the last step's, not a checkpoint's
+        best = json.loads((Path(model.path) / "train_result.json").read_text()).get("best_model_checkpoint")
+        folder = Path(model.run_dir) / "checkpoints" / Path(best).name if best else None
+        sha = manifest_sha(folder) if folder else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if sha is None:
+        return None
+    found = mlflow_client.search_logged_models([run.experiment_id], filter_string=f"tags.`{MANIFEST_SHA}` = '{sha}'")
+    ready = [m for m in found if str(getattr(m.status, "name", m.status)).endswith("READY")]
+    return ready[0].model_id if ready else None
+
+
+def _link_checkpoint(mlflow_client, model_id: str, name: str, version: str) -> None:
+    """The open-source registry keeps no model_id on the version itself: the LoggedModel's `mlflow.modelVersions`
+    tag is the link the UI follows. An `mlflow server` sets it when the version is created with model_id; a
+    local store does not, so it is set here when missing."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    linked = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if any(entry.get("name") == name and str(entry.get("version")) == version for entry in linked):
+        return
+    linked.append({"name": name, "version": version})
+    mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
+
+
+def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: dict[str, str],
+                    model_id: str | None = None):
     from mlflow.exceptions import MlflowException
 
     try:
@@ -190,7 +224,7 @@ def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: di
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
     for _ in range(300):
         if version.status == "READY":
             break
@@ -241,7 +275,12 @@ def register(
             **_base_tags(out / "weights"),
             **{f"metric.{k}": str(v) for k, v in metrics.metrics.items()},
         }
-        version = _create_version(mlflow_client, name, source, run.run_id, lineage)
+        best_model_id = _best_checkpoint_model_id(mlflow_client, model, run)
+        if best_model_id:
+            lineage["best_checkpoint_model_id"] = best_model_id
+        version = _create_version(mlflow_client, name, source, run.run_id, lineage, best_model_id)
+        if best_model_id:
+            _link_checkpoint(mlflow_client, best_model_id, name, str(version.version))
         log.info("register: created %s v%s", name, version.version)
         mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
         decision = gate(mlflow_client, registry, metrics.metrics, data.fingerprint)

@@ -139,6 +139,9 @@ class TrackingConfig:
     outage_seconds: float = 300.0
     """How long the flow waits, once training is done, for a tracking server that stopped answering during
     training (its metrics wait in metrics.jsonl meanwhile) before it fails."""
+    log_checkpoints: bool = True
+    """Log each committed checkpoint to the run as an MLflow LoggedModel (uploaded by the train stage off the
+    training path; rotation mirrored). A run folder without a checkpoint resumes from the newest one there."""
 
 
 @dataclass
@@ -268,6 +271,9 @@ class PathsConfig:
     root: str = ".finetune"
     """State folder: dataset cache, runs, MLflow store, Prefect home. Relative = to the working directory. Its
     default in conf/ is $FINETUNE_PATHS_ROOT when set (a serve process's --root), else .finetune."""
+    results: str | None = None
+    """Prefect's result storage (the cached stages' records): a path or file:// URL, e.g. on a filesystem every
+    worker mounts, so all workers share cache hits; None = <root>/prefect/results."""
 
 
 @dataclass

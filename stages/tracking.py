@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,8 @@ class RunInfo(BaseModel):
     flow_run_id: str = ""
     outage_seconds: float = 300.0
     """tracking.outage_seconds: how long the train stage waits for a server gone during training."""
+    log_checkpoints: bool = True
+    """tracking.log_checkpoints: the train stage logs each committed checkpoint as a LoggedModel of the run."""
 
 
 def tracking_uri(cfg: FinetuneConfig) -> str:
@@ -88,7 +91,7 @@ def open_run(cfg: FinetuneConfig, flow_run_id: str, extra_tags: dict[str, str] |
         tags = {FLOW_RUN_TAG: flow_run_id, "task": cfg.task.name, "model": cfg.model.name, **(extra_tags or {})}
         run = mlflow_client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags)
     info = RunInfo(run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id, flow_run_id=flow_run_id,
-                   outage_seconds=cfg.tracking.outage_seconds)
+                   outage_seconds=cfg.tracking.outage_seconds, log_checkpoints=cfg.tracking.log_checkpoints)
     log_params_once(info, flatten(cfg))
     return info
 
@@ -130,6 +133,8 @@ class MetricShipper:
         self.client = client(run.tracking_uri)
         self._last_step: dict[str, int] = {}
         self.unreachable_since: float | None = None
+        self._lock = threading.Lock()
+        """The checkpoint uploader's thread ships too (before linking a step's metrics): one sender at a time."""
 
     def _last(self, key: str) -> int:
         if key not in self._last_step:
@@ -138,6 +143,10 @@ class MetricShipper:
         return self._last_step[key]
 
     def log_records(self, records: Iterable[dict[str, Any]]) -> int:
+        with self._lock:
+            return self._log_records(records)
+
+    def _log_records(self, records: Iterable[dict[str, Any]]) -> int:
         from mlflow.entities import Metric
 
         batch: list[Metric] = []

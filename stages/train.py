@@ -16,7 +16,17 @@ from pathlib import Path
 
 from prefect import task
 
-from stages.caching import cache_key_fn, explain_miss, key_components, key_lock, stage_dir, stage_key, stage_logger
+from stages import checkpoint_store
+from stages.caching import (
+    cache_key_fn,
+    code_version,
+    explain_miss,
+    key_components,
+    key_lock,
+    stage_dir,
+    stage_key,
+    stage_logger,
+)
 from stages.common import resolve_model_path
 from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
 from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
@@ -164,16 +174,54 @@ def train(
     run_dir = stage_dir(paths.root, stage_key(NAME, params, CODE))
     run_dir.mkdir(parents=True, exist_ok=True)
     shipper = MetricShipper(run) if run else None
+    # what the checkpoints on the tracking server are found by: the key less anything machine-local
+    content_key = checkpoint_store.content_key(params, code_version(*CODE))
     with key_lock(run_dir, logger, NAME):  # one trainer per run folder, whatever the number of flows
+        uploader = None
+        if run and run.log_checkpoints:  # each committed checkpoint → a LoggedModel, from a thread of ours
+            uploader = checkpoint_store.CheckpointUploader(run, content_key, run_dir, logger, shipper,
+                                                           trainer.save_total_limit)
         if (done := model_ref(run_dir)) is not None:
             logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
+            if uploader:
+                uploader.start().close()  # a flow stopped before its last uploads: they happen now
         else:
             explain_miss(NAME, paths.root, key_components(params, CODE), logger)
-            done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger, peft)
+            if run and not trainer.resume_from_checkpoint:
+                _resume_from_server(run, content_key, run_dir, logger)
+            try:
+                if uploader:
+                    uploader.start()
+                done = _launch(task, model, trainer, hardware, data, plan, run_dir, run, shipper, logger, peft)
+            finally:
+                if uploader:
+                    uploader.close()  # the last checkpoints reach the server before the stage returns
     if shipper:
         shipper.ship_within(done.metrics_path, run.outage_seconds, logger)
     done.save(run_dir / "ref.json")
     return done
+
+
+def _resume_from_server(run: RunInfo, content_key: str, run_dir: Path, logger) -> None:
+    """A run folder without a complete checkpoint (another machine, an empty paths.root, another worker): take
+    the newest complete one the tracking server holds for this training, so the ranks resume from it."""
+    from trainer_core import checkpoint as ckpt
+
+    if ckpt.find_resumable(run_dir) is not None:
+        return
+    found = checkpoint_store.fetch_newest(run, content_key, run_dir, logger)
+    if found is None:
+        return
+    model, path = found
+    source_run = model.source_run_id or model.tags.get("mlflow_run_id", "")
+    logger.info("train: resumed from the tracking server: checkpoint step %s (LoggedModel %s of run %s) placed "
+                "in %s", model.tags.get(checkpoint_store.STEP), model.model_id, source_run, path)
+    from stages.tracking import client
+
+    tags = {checkpoint_store.RESUMED_FROM_RUN: source_run, checkpoint_store.RESUMED_FROM_CHECKPOINT: model.model_id,
+            "resumed_from_step": model.tags.get(checkpoint_store.STEP, "")}
+    for key, value in tags.items():
+        client(run.tracking_uri).set_tag(run.run_id, key, value)
 
 
 def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, shipper, logger, peft=None) -> ModelRef:
