@@ -687,6 +687,10 @@ class Trainer:
         self.state = self.checkpoints.load(path, self.model, self.optimizer, self.lr_scheduler,
                                            self.callback_handler.stateful(), seed=self.args.seed)
         self.extra_state = self.state.stateful_callbacks.get("extra_state", self.extra_state)
+        if self.state.best_model_checkpoint is not None:
+            # the path the saving machine wrote; this run's copy of that step is in its own output_dir (a run
+            # resumed elsewhere, or from a checkpoint fetched from the tracking server)
+            self.state.best_model_checkpoint = str(self.checkpoints.folder(self.state.best_global_step))
         # a killed run may have logged steps after this checkpoint: they will be logged again
         self.metrics_file.truncate_to(self.state.global_step)
 

@@ -2,11 +2,12 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.trainer_core.factories import make_trainer
+from tests.trainer_core.factories import Scripted, make_trainer
 from trainer_core import checkpoint as ckpt
 from trainer_core.callbacks import TrainerCallback
 
@@ -131,6 +132,32 @@ def test_resume_equals_uninterrupted(tmp_path, event, step):
     assert [r["step"] for r in records] == list(range(1, 13))
     assert [r["metrics"]["loss"] for r in records] == expected_losses
     assert result.training_loss == pytest.approx(reference.train_output.training_loss, abs=1e-12)
+
+
+def test_a_run_moved_to_another_folder_finds_its_best_checkpoint_there(tmp_path):
+    """A checkpoint fetched onto another machine names the best step by the folder it was saved in: the resumed
+    run reads the best weights from its own copy (the first machine's folder is gone)."""
+    import shutil
+
+    best = dict(RESUME_ARGS, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                metric_for_best_model="accuracy", save_total_limit=2)
+    scores = [0.5, 0.9, 0.6, 0.6]  # the best is step 4, before the kill, and stays the best
+    reference = make_trainer(tmp_path / "ref", compute_metrics=Scripted(scores), **best)
+    reference.train()
+    killed = make_trainer(tmp_path / "a", callback_objects=[KillAt("on_step_begin", 9)],
+                          compute_metrics=Scripted(scores), **best)
+    with pytest.raises(Kill):
+        killed.train()
+    killed.cleanup()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    resumed = make_trainer(tmp_path / "b", compute_metrics=Scripted([0.6]), **best)
+    resumed.train()
+    assert resumed.state.best_model_checkpoint.startswith(str(tmp_path / "b"))
+    assert Path(resumed.state.best_model_checkpoint).name == Path(reference.state.best_model_checkpoint).name \
+        == "step-00000004"
+    expected, got = _final_state(reference), _final_state(resumed)
+    assert all(torch.equal(got[name], value) for name, value in expected.items())
 
 
 def test_resume_to_a_later_max_step_adds_the_missing_steps(tmp_path):
