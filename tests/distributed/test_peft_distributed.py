@@ -128,6 +128,10 @@ def test_lora_on_2_ranks_trains_what_1_process_trains(lora_runs, hardware):
     assert one and all(_trained(k) for k in one)
     assert _checkpoint_names(step) == set(one)
     trained = sum(v.numel() for v in one.values())
+    if hardware == "fsdp":  # optimizer shards: Adam's state of the trained tensors only ("state/<name>/<key>")
+        for rank in (0, 1):
+            with safe_open(str(step / f"optimizer_shard_{rank}.safetensors"), framework="pt") as f:
+                assert {k.split("/")[1] for k in f.keys()} == set(one)  # noqa: SIM118
     if hardware.startswith("zero"):
         # DeepSpeed's own files: Adam moments of the trained tensors only, partitioned over the ranks, and no
         # copy of the frozen base in its module states
