@@ -172,13 +172,16 @@ def _base_tags(weights: Path) -> dict[str, str]:
             "peft.base_sha256": base["sha256"]}
 
 
-def _existing_version(mlflow_client, name: str, fingerprint: str):
+def _existing_version(mlflow_client, name: str, fingerprint: str, registered_as: str | None = None):
+    """The first version of these weights; for a LoRA run, registered the same way (merged or the adapter alone:
+    the same training registered both ways gives two versions)."""
     from mlflow.exceptions import MlflowException
 
     try:
         found = mlflow_client.search_model_versions(f"name = '{name}' and tags.model_fingerprint = '{fingerprint}'")
     except MlflowException:
         return None
+    found = [v for v in found if v.tags.get("peft.registered_as") == registered_as]
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -251,7 +254,8 @@ def register(
     log = stage_logger()
     mlflow_client = client(tracking_uri)
     name = registry.model_name
-    version = _existing_version(mlflow_client, name, model.fingerprint)
+    registered_as = adapters.lineage_tags(model.path, merged=registry.merge_adapter).get("peft.registered_as")
+    version = _existing_version(mlflow_client, name, model.fingerprint, registered_as)
     if version is not None:
         # Idempotent: the version, its aliases and its gate record stay as they are (re-gating a champion
         # against itself would overwrite the record of the champion it replaced).

@@ -380,9 +380,6 @@ def validate(cfg: FinetuneConfig) -> None:
         errors.append(f"registry.merge_adapter=false: model={model.name} is a random init, so there are no base "
                       "weights to pin; use pretrained weights (model.name_or_path / model.package) or merge.")
     errors += cfg.sweep.errors()
-    if cfg.peft.enabled and hw.distributed_type in ("FSDP", "DEEPSPEED"):
-        errors.append(f"peft={cfg.peft.name} with hardware={hw.name}: adapters train on one process or DDP only; "
-                      "use hardware=cpu, gpu or a ddp_* option (the frozen base needs no sharded optimizer).")
     if hw.num_processes > 1 and hw.distributed_type == "NO":
         errors.append(f"hardware.num_processes={hw.num_processes} needs hardware.distributed_type=MULTI_CPU or MULTI_GPU.")
     if errors:

@@ -179,16 +179,34 @@ def load_adapter_folder(model: torch.nn.Module, folder: str | Path) -> tuple[lis
 
 
 # --- final model -----------------------------------------------------------------------------------
-def save_final(model: torch.nn.Module, folder: Path, **save_kwargs: Any) -> None:
+def save_final(model: torch.nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None,
+               **save_kwargs: Any) -> None:
     """final/ of an adapted model: the adapters merged into a copy of the base (a plain transformers model, so
     evaluate, predict, register and serving need nothing new), and final/adapter/ with the adapter alone.
-    The copy keeps the trained model as it is (merging is not exactly reversible)."""
-    model.save_pretrained(folder / ADAPTER_DIR)
-    merged = copy.deepcopy(model).merge_and_unload()
+    The copy keeps the trained model as it is (merging is not exactly reversible). `state_dict`: the model's full
+    state dict gathered by the strategy, where the live parameters are sharded (FSDP2) or partitioned (ZeRO)."""
+    source = model if state_dict is None else plain_replica(model, state_dict)
+    source.save_pretrained(folder / ADAPTER_DIR)
+    merged = (copy.deepcopy(source) if source is model else source).merge_and_unload()
     merged.save_pretrained(folder, **save_kwargs)
     config = json.loads((folder / ADAPTER_DIR / "adapter_config.json").read_text())
     logger.info("final/: LoRA merged into the base; adapter alone in %s (r=%s, targets %s)",
                 folder / ADAPTER_DIR, config.get("r"), config.get("target_modules"))
+
+
+def plain_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain CPU copy of an adapted model whose own parameters are shards (FSDP2 DTensors, ZeRO-3 partitions):
+    the same architecture and adapter config built on the meta device (no init, no copy of the shards), then
+    given the gathered tensors. Main process only; no collective."""
+    from peft import get_peft_model
+
+    inner = model.get_base_model()
+    with torch.device("meta"):
+        base = type(inner)(copy.deepcopy(inner.config))
+    replica = get_peft_model(base, copy.deepcopy(model.peft_config["default"]))
+    # every tensor of the replica comes from the gathered state dict (strict: a missing one stays on meta)
+    replica.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True, assign=True)
+    return replica.eval()
 
 
 def lineage_tags(final: str | Path, merged: bool = True) -> dict[str, str]:

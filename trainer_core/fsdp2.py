@@ -172,7 +172,7 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direc
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     directory, rank, world = Path(directory), dist.get_rank(), dist.get_world_size()
-    tensors, layout = _local_pieces(model.state_dict())
+    tensors, layout = _local_pieces(_saved_state(model))
     save_file(tensors, str(directory / MODEL_SHARD.format(rank=rank)),
               metadata={"layout": json.dumps(layout), "world_size": str(world), "rank": str(rank)})
     flat, groups = _flatten_optimizer(get_optimizer_state_dict(model, optimizer))
@@ -181,6 +181,14 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direc
     save_file(tensors, str(directory / OPTIMIZER_SHARD.format(rank=rank)),
               metadata={"layout": json.dumps(layout), "world_size": str(world), "rank": str(rank),
                         "param_groups": json.dumps(groups), "scalars": json.dumps(scalars)})
+
+
+def _saved_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The model state a shard holds: all of it, or for a LoRA model the trained tensors only (adapters and
+    modules_to_save; the frozen base comes back from its own weights)."""
+    from trainer_core.adapters import trainable_only
+
+    return trainable_only(model, model.state_dict())
 
 
 def _shard_files(directory: Path, pattern: str) -> list[Path]:
@@ -243,7 +251,7 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     directory = Path(directory)
     files = _shard_files(directory, MODEL_SHARD)
     with torch.no_grad():
-        for name, target in model.state_dict().items():
+        for name, target in _saved_state(model).items():
             value = _like(target, files, name)
             (target.to_local() if hasattr(target, "to_local") else target).copy_(
                 value.to_local() if hasattr(value, "to_local") else value)

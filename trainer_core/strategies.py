@@ -115,7 +115,20 @@ class Strategy:
         return self.accelerator.get_state_dict(model)
 
     def save_pretrained_kwargs(self) -> dict[str, Any]:
-        return {"save_original_format": True}
+        """Keyword arguments for final/'s save_pretrained (adapters.save_final for a LoRA model)."""
+        return self._final_kwargs({"save_original_format": True})
+
+    # where the live parameters are shards (FSDP2, ZeRO-3), a LoRA model's final/ is written from the state dict
+    # `full_state_dict` gathered (adapters.save_final rebuilds a plain copy from it), not from the live model
+    _gathered: dict[str, torch.Tensor] | None = None
+
+    def _keep_for_adapter_final(self, model: torch.nn.Module, state: dict[str, torch.Tensor]
+                                ) -> dict[str, torch.Tensor]:
+        self._gathered = state if adapters.is_adapted(self.accelerator.unwrap_model(model)) else None
+        return state
+
+    def _final_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs if self._gathered is None else {**kwargs, "state_dict": self._gathered}
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -162,7 +175,8 @@ class FSDP2Strategy(Strategy):
         fsdp2.load_sharded(model, None, folder)
 
     def full_state_dict(self, model):
-        return fsdp2.full_state_dict(model)  # gathered once, onto the main process's CPU
+        # gathered once, onto the main process's CPU
+        return self._keep_for_adapter_final(model, fsdp2.full_state_dict(model))
 
 
 class DeepSpeedStrategy(Strategy):
@@ -183,22 +197,28 @@ class DeepSpeedStrategy(Strategy):
 
     def save_state(self, model, optimizer, folder):
         state_dict = self.accelerator.get_state_dict(model)  # collective: every rank calls it
-        zero.save(model, folder)
-        return state_dict
+        unwrapped = self.accelerator.unwrap_model(model)
+        # LoRA: DeepSpeed's module states and model.safetensors without the frozen base (it has no optimizer state)
+        zero.save(model, folder, exclude_frozen=adapters.is_adapted(unwrapped))
+        return adapters.trainable_only(unwrapped, state_dict) if state_dict else state_dict
 
     def write_state(self, state_dict, optimizer, folder):
         ckpt.save_weights(state_dict, folder / "model.safetensors")  # the optimizer is in DeepSpeed's files
 
     def load_state(self, model, optimizer, folder):
-        zero.load(model, folder)
+        zero.load(model, folder, frozen_excluded=adapters.is_adapted(self.accelerator.unwrap_model(model)))
 
     def load_weights(self, model, folder):
-        zero.load(model, folder)  # the partitioned weights (ZeRO-3) come back through the engine
+        # the partitioned weights (ZeRO-3) come back through the engine
+        zero.load(model, folder, frozen_excluded=adapters.is_adapted(self.accelerator.unwrap_model(model)))
 
     def save_pretrained_kwargs(self):
         # transformers 5 loads a ZeRO-3 model with its legacy renamings attached (LayerNorm.gamma -> .weight)
         # and would "revert" them on save: DeepSpeed runs keep the names the model has
-        return {"save_original_format": False}
+        return self._final_kwargs({"save_original_format": False})
+
+    def full_state_dict(self, model):
+        return self._keep_for_adapter_final(model, super().full_state_dict(model))
 
 
 def make_strategy(accelerator: Any, args: TrainingArguments, distributed: dict[str, Any] | None = None) -> Strategy:

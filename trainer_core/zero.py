@@ -113,11 +113,13 @@ def _use_safe_loader(engine: Any) -> None:
     engine.checkpoint_engine = _SAFE_ENGINE()
 
 
-def save(engine: Any, directory: str | Path) -> None:
+def save(engine: Any, directory: str | Path, exclude_frozen: bool = False) -> None:
     """Collective: every rank writes its DeepSpeed files into `directory` (model states on rank 0, one optimizer
-    partition per rank). DeepSpeed's recovery scripts are not kept: model.safetensors holds the weights."""
+    partition per rank). DeepSpeed's recovery scripts are not kept: model.safetensors holds the weights.
+    exclude_frozen (LoRA): the frozen base is left out of the module states; it comes back from its own weights."""
     _use_safe_loader(engine)
-    engine.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+    engine.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     if engine.global_rank == 0:
         for script in ("zero_to_fp32.py", "zero_to_torch.py"):
             (Path(directory) / script).unlink(missing_ok=True)
@@ -131,8 +133,9 @@ def is_checkpoint(directory: str | Path) -> bool:
     return saved_world_size(directory) > 0
 
 
-def load(engine: Any, directory: str | Path) -> None:
-    """Collective: restore module weights and this rank's optimizer partition from `directory`."""
+def load(engine: Any, directory: str | Path, frozen_excluded: bool = False) -> None:
+    """Collective: restore module weights and this rank's optimizer partition from `directory`.
+    frozen_excluded: the checkpoint holds the trained tensors only (see `save`); the module keeps its frozen ones."""
     saved, world = saved_world_size(directory), engine.world_size
     if saved != world:
         raise ValueError(
@@ -140,7 +143,8 @@ def load(engine: Any, directory: str | Path) -> None:
             f"per rank), this run has {world}: resume it with {saved} processes (hardware.num_processes={saved})."
         )
     _use_safe_loader(engine)
-    path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=True, load_optimizer_states=True,
+    path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=not frozen_excluded,
+                                     load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {directory}")

@@ -35,13 +35,21 @@ def _fails(capsys, root: Path, overrides: list[str], *fragments: str) -> str:
         (["peft=lora", "peft.target_modules=[q_proj]"], ["peft.target_modules: q_proj", "key, position_embeddings"]),
         (["model=tiny_bert", "peft=lora", "peft.r=0"], ["peft.r=0: the LoRA rank must be > 0"]),
         (["model=tiny_bert", "peft=lora", "peft.lora_dropout=1.5"], ["peft.lora_dropout=1.5: must be within [0, 1)"]),
-        (["model=tiny_bert", "peft=lora", "hardware=fsdp_2gpu"], ["peft=lora with hardware=fsdp_2gpu"]),
         (["model=tiny_bert", "peft=lora", "registry.merge_adapter=false"],
          ["registry.merge_adapter=false: model=tiny_bert is a random init"]),
     ],
 )
 def test_peft_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
     _fails(capsys, tmp_path, overrides, *fragments)
+
+
+@pytest.mark.parametrize("hardware", ["fsdp_2gpu", "deepspeed_zero2", "deepspeed_zero3"])
+def test_peft_with_sharded_hardware_is_accepted(hardware: str) -> None:
+    """LoRA trains under FSDP2 and ZeRO-2/3 too (tests/distributed/test_peft_distributed.py)."""
+    from flows.config import compose
+    from stages.schema import validate
+
+    validate(compose(["model=tiny_bert", "peft=lora", f"hardware={hardware}"]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
