@@ -76,6 +76,56 @@ def test_family_contract(name):
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
 
 
+@pytest.fixture(scope="module")
+def lora_defaults(tmp_path_factory):
+    from flows.config import compose
+
+    return compose(["peft=lora", f"paths.root={tmp_path_factory.mktemp('lora')}"]).peft.spec()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_on_every_family(name, tmp_path, lora_defaults):
+    """peft=lora's defaults (all-linear, the task head saved in full) on each family's tiny model: one training step
+    reaches the adapters and the head only, the merged final/ model gives what the adapted one gives."""
+    from trainer_core import adapters
+
+    case = family_cases()[name]
+    family = get_task(name)(case.spec)
+    raw = datasets.Dataset.from_dict(case.raw)
+    tokenizer = (case.processor or tokenizer_for)(family, case.raw)
+    keep = set(family.kept_raw_columns())
+    features = raw.map(family.preprocess(tokenizer), batched=True, with_indices=True,
+                       remove_columns=[c for c in raw.column_names if c not in keep])
+    torch.manual_seed(0)
+    config = dict(case.model.config)
+    if hasattr(tokenizer, "vocab_size"):
+        config["vocab_size"] = len(tokenizer)
+    base = family.build_model(type(case.model)(**{**vars(case.model), "config": config, "dropout": 0.0}))
+    model = adapters.wrap(base, lora_defaults)
+    columns = family.dataset_columns()
+    batch = family.collator(tokenizer, model)([{k: v for k, v in features[i].items() if k in columns}
+                                               for i in range(2)])
+    inputs, targets = family.split_batch(batch)
+    model.train()
+    family.loss(model(**inputs), targets).sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("lora_" in n or "modules_to_save" in n for n in trained), sorted(trained)
+    assert any("lora_" in n for n in trained)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= trained
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))  # a trained adapter: not LoRA's zero start
+        model.eval()
+        adapted = family.loss(model(**inputs), targets)
+        adapters.save_final(model, tmp_path)
+        merged = type(base).from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(family.loss(merged(**inputs), targets), adapted, rtol=1e-4, atol=1e-5)
+    saved = adapters.trainable_only(model, model.state_dict())  # what a checkpoint holds: adapters and head only
+    assert saved and all("lora_" in n or "modules_to_save" in n for n in saved), sorted(saved)
+
+
+
 def test_config_errors_name_the_key():
     spec = family_cases()["token_classification"].spec
     errors = get_task("token_classification").config_errors(
