@@ -23,7 +23,6 @@ from stages.caching import REPO, begin_stage, cache_key_fn, code_version, single
 from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
 from stages.schema import PathsConfig, RegistryConfig, TaskConfig
 from stages.tracking import CANDIDATE, CHAMPION, RunInfo, client
-from trainer_core import adapters
 from trainer_core.metrics import is_better
 
 NAME = "register"
@@ -138,6 +137,7 @@ def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Pat
     import datasets
     import mlflow
 
+    from trainer_core import adapters  # torch: not imported by a cached run
     from trainer_core.tasks import get_task
 
     family = get_task(task.family)(task.spec())
@@ -165,6 +165,8 @@ def _package_model(model: ModelRef, data: DatasetRef, task: TaskConfig, out: Pat
 
 
 def _base_tags(weights: Path) -> dict[str, str]:
+    from trainer_core import adapters  # torch: not imported by a cached run
+
     if not adapters.is_adapter_package(weights):
         return {}
     base = json.loads((weights / adapters.BASE_REFERENCE).read_text())
@@ -249,6 +251,8 @@ def register(
     run: RunInfo,
 ) -> ModelVersionRef:
     """Register `model` as registry.model_name; alias candidate; champion if the gate passes."""
+    from trainer_core import adapters  # torch: not imported by a cached run
+
     out = begin_stage(NAME, {"model": model, "metrics": metrics, "data": data, "task": task, "registry": registry,
                              "tracking_uri": tracking_uri, "paths": paths, "run": run}, CODE)
     log = stage_logger()

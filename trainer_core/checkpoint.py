@@ -26,13 +26,14 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
 from trainer_core.files import fsync_dir, fsync_file, replace_dir, sha256_file
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: a cached flow run reads manifests only
+    import torch
 
 logger = logging.getLogger("trainer_core.checkpoint")
 
@@ -193,6 +194,7 @@ def load_warm_start(model: torch.nn.Module, path: str | Path) -> tuple[list[str]
     if (path / MANIFEST).is_file() and (reason := verify(path)) is not None:
         raise ValueError(f"Refusing warm start from {path}: {reason}.")
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     tensors = load_file(str(weights))
     with safe_open(str(weights), framework="pt") as f:
@@ -209,6 +211,8 @@ def load_warm_start(model: torch.nn.Module, path: str | Path) -> tuple[list[str]
 # --- model weights -----------------------------------------------------------------------------
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
     """safetensors refuses tensors sharing memory: store each storage once, the aliases in the metadata."""
+    from safetensors.torch import save_file
+
     seen: dict[tuple, str] = {}
     tensors, aliases = {}, {}
     for name, tensor in state_dict.items():
@@ -223,6 +227,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
@@ -235,6 +240,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 # --- RNG -----------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, as JSON-friendly lists (no pickle needed to load it back)."""
+    import torch
+
     py_version, py_internal, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -248,6 +255,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
