@@ -831,7 +831,7 @@ def main(argv: list[str]) -> int:
 
     try:
         plan = plan_sweep(argv)
-        runtime.configure(plan.base.paths.root)
+        runtime.configure(plan.base.paths.root, plan.base.paths.results)
         preflight(plan.base)
         for own in _probes(plan):
             family_preflight(compose(plan.trial_overrides(own)))
