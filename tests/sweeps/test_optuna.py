@@ -127,9 +127,11 @@ def test_a_weak_trial_is_pruned_early_and_not_registered(resumed, root) -> None:
     pruned = [t for t in report["trials"] if t["state"] == "PRUNED"]
     assert pruned, report["trials"]
     assert all(t["params"]["trainer.learning_rate"] == "1000000.0" for t in pruned)
-    # their ranks stopped when asked: fewer steps than planned, before and after the kill
+    # pruned before and after the kill; ranks stop when asked, at their next evaluation: a trial pruned early
+    # trains fewer steps than planned. (The verdict travels from the sweep's watcher thread to the ranks through
+    # a file, so one pruned at its last evaluations may reach the end first on a fast machine.)
     assert {t["number"] < KILL_AFTER for t in pruned} == {True, False}, pruned
-    assert all(t["global_step"] < MAX_STEPS for t in pruned), pruned
+    assert any(t["global_step"] < MAX_STEPS for t in pruned), pruned
     completed = [t for t in report["trials"] if t["state"] == "COMPLETE"]
     assert all(t["global_step"] == MAX_STEPS for t in completed), completed
     best = report["best"]
