@@ -92,6 +92,12 @@ def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float("nan") if value is None else float(value), device=like.device)
 
 
+def _pads_itself(task: TaskFamily) -> bool:
+    """Whether the family's collator rounds lengths up itself (its options have pad_to_multiple_of: seq2seq)."""
+    options = getattr(task, "options", None)
+    return dataclasses.is_dataclass(options) and hasattr(options, "pad_to_multiple_of")
+
+
 class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
@@ -306,23 +312,18 @@ class Trainer:
         if task.generates and generation:
             fields = {f.name for f in dataclasses.fields(task.options)}
             task.options = dataclasses.replace(task.options, **{k: v for k, v in generation.items() if k in fields})
-        options = getattr(task, "options", None)
-        if args.sequence_multiple() and dataclasses.is_dataclass(options) and hasattr(options, "pad_to_multiple_of") \
-                and options.pad_to_multiple_of is None:  # the family pads itself (seq2seq): to this multiple
-            task.options = dataclasses.replace(options, pad_to_multiple_of=args.sequence_multiple())
+        if args.sequence_multiple() and _pads_itself(task) and task.options.pad_to_multiple_of is None:
+            # the family pads itself (seq2seq): to this multiple
+            task.options = dataclasses.replace(task.options, pad_to_multiple_of=args.sequence_multiple())
         return task
 
     def _bucketed(self, collate: Callable, tokenizer: Any) -> Callable:
         """The collator, rounding sequence lengths up to trainer.pad_to_multiple_of (16 with torch_compile); a
         family that pads itself (seq2seq: sources and labels) got the multiple as its option in _make_task."""
         multiple = self.args.sequence_multiple()
-        if not multiple or not self.task.has_length or "pad_to_multiple_of" in self._task_option_names():
+        if not multiple or not self.task.has_length or _pads_itself(self.task):
             return collate
         return bucketed(collate, multiple, getattr(tokenizer, "pad_token_id", None) or 0)
-
-    def _task_option_names(self) -> set[str]:
-        options = getattr(self.task, "options", None)
-        return {f.name for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else set()
 
     def _keep_model_columns(self, dataset: Any) -> Any:
         # the collator takes only the family's model inputs and targets; raw text and ids would break it

@@ -29,24 +29,30 @@ def test_every_family_is_discovered_and_has_a_case():
         assert issubclass(get_task(name), TaskFamily) and get_task(name).name == name
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_contract(name):
+def _case_setup(name: str, **model_spec):
+    """The family's case: the family, its tokenizer, its raw rows, their features, and its tiny model (random
+    init, seed 0, embeddings sized to the tokenizer; `model_spec` overrides ModelSpec fields)."""
     case = family_cases()[name]
-    assert get_task(name).config_errors(case.spec) == []
     family = get_task(name)(case.spec)
     raw = datasets.Dataset.from_dict(case.raw)
     tokenizer = (case.processor or tokenizer_for)(family, case.raw)
     keep = set(family.kept_raw_columns())
     features = raw.map(family.preprocess(tokenizer), batched=True, with_indices=True,
                        remove_columns=[c for c in raw.column_names if c not in keep])
-    assert len(features) >= len(raw)
-    assert sorted(set(features["example_id"])) == list(range(len(raw)))
-
     torch.manual_seed(0)
     config = dict(case.model.config)
     if hasattr(tokenizer, "vocab_size"):
         config["vocab_size"] = len(tokenizer)  # random init: embeddings sized to the tokenizer
-    model = family.build_model(type(case.model)(**{**vars(case.model), "config": config}))
+    model = family.build_model(type(case.model)(**{**vars(case.model), "config": config, **model_spec}))
+    return family, tokenizer, raw, features, model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_contract(name):
+    assert get_task(name).config_errors(family_cases()[name].spec) == []
+    family, tokenizer, raw, features, model = _case_setup(name)
+    assert len(features) >= len(raw)
+    assert sorted(set(features["example_id"])) == list(range(len(raw)))
     model.eval()
     columns = family.dataset_columns()
     rows = [{k: v for k, v in features[i].items() if k in columns} for i in range(2)]
@@ -89,18 +95,7 @@ def test_lora_on_every_family(name, tmp_path, lora_defaults):
     reaches the adapters and the head only, the merged final/ model gives what the adapted one gives."""
     from trainer_core import adapters
 
-    case = family_cases()[name]
-    family = get_task(name)(case.spec)
-    raw = datasets.Dataset.from_dict(case.raw)
-    tokenizer = (case.processor or tokenizer_for)(family, case.raw)
-    keep = set(family.kept_raw_columns())
-    features = raw.map(family.preprocess(tokenizer), batched=True, with_indices=True,
-                       remove_columns=[c for c in raw.column_names if c not in keep])
-    torch.manual_seed(0)
-    config = dict(case.model.config)
-    if hasattr(tokenizer, "vocab_size"):
-        config["vocab_size"] = len(tokenizer)
-    base = family.build_model(type(case.model)(**{**vars(case.model), "config": config, "dropout": 0.0}))
+    family, tokenizer, _, features, base = _case_setup(name, dropout=0.0)
     model = adapters.wrap(base, lora_defaults)
     columns = family.dataset_columns()
     batch = family.collator(tokenizer, model)([{k: v for k, v in features[i].items() if k in columns}
