@@ -28,15 +28,34 @@ from trainer_core.files import write_json_atomic
 
 
 def preflight(cfg: FinetuneConfig) -> None:
-    """Checks that need more than the config itself: the servers, the data, the model's files, the hardware."""
+    """Checks that need more than the config itself: the servers, the model's files, the hardware, the data."""
+    quick_preflight(cfg)
+    data_preflight(cfg)
+
+
+def quick_preflight(cfg: FinetuneConfig) -> None:
+    """The servers, the hardware, the model's files: what answers in well under a second."""
     from stages.launch import preflight as hardware_preflight
-    from stages.sources import load_raw
 
     servers_preflight(cfg)
     hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision)
     family_preflight(cfg)
     peft_preflight(cfg)
-    load_raw(cfg.task, cfg.paths.root)
+
+
+def data_preflight(cfg: FinetuneConfig) -> None:
+    """The raw data loads and matches the task config (columns present, labels in range). Skipped where the
+    prepare_data stage holds a valid result for this config: the flow will not read the raw data then (its key
+    names the data source, as the stage's cache does), and a cached run need not import datasets and torch."""
+    from stages.caching import stage_dir, stage_key
+    from stages.prepare_data import CODE, NAME
+    from stages.refs import Ref
+    from stages.sources import load_raw
+
+    key = stage_key(NAME, {"task": cfg.task, "model": cfg.model, "paths": cfg.paths}, CODE)
+    ref = Ref.load(stage_dir(cfg.paths.root, key) / "ref.json")
+    if ref is None or not ref.is_valid():
+        load_raw(cfg.task, cfg.paths.root)
 
 
 def servers_preflight(cfg: FinetuneConfig) -> None:

@@ -55,7 +55,14 @@ def _module_path(name: str, repo: Path) -> Path | None:
     return None
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path) -> frozenset[str]:
+    stat = path.stat()
+    return _imports_of(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _imports_of(path: Path, _mtime_ns: int, _size: int) -> frozenset[str]:
+    """The project modules a file imports, once per file version (the stages share most of their files)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -63,7 +70,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.split(".")[0] in PROJECT_PACKAGES}
+    return frozenset(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
 
 
 @functools.cache
@@ -164,6 +171,13 @@ class _WithoutMessages(ast.NodeTransformer):
 
 def code_digest(path: Path) -> str:
     """SHA-256 of what in this file decides results: a .py file's tree without docstrings and messages."""
+    stat = path.stat()
+    return _digest(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _digest(path: Path, _mtime_ns: int, _size: int) -> str:
+    """code_digest once per file version: the stages of one flow share most of their files (trainer_core)."""
     if path.suffix != ".py":
         return sha256_file(path)
     tree = _WithoutMessages().visit(ast.parse(path.read_text(), filename=str(path)))

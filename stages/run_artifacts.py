@@ -116,9 +116,26 @@ def _plot(matrix: list[list[int]], names: list[str], path: Path) -> None:
 
 
 def log_classification_report(run: RunInfo, predictions_path: str | Path, label_names: list[str]) -> bool:
-    rows = [json.loads(line) for line in Path(predictions_path).read_text().splitlines() if line.strip()]
-    with tempfile.TemporaryDirectory() as folder:
-        if not write_classification_report(rows, label_names, Path(folder)):
+    """Log the report of these predictions to the run. It is rendered once, into a folder beside the predictions
+    (named by the label names too, written whole or not at all), so a cached flow run logs it again without
+    matplotlib."""
+    import hashlib
+    import os
+
+    predictions_path = Path(predictions_path)
+    names = hashlib.sha256(json.dumps(list(label_names)).encode()).hexdigest()[:12]
+    folder = predictions_path.parent / f"evaluation-{names}"
+    if not folder.is_dir():
+        rows = [json.loads(line) for line in predictions_path.read_text().splitlines() if line.strip()]
+        partial = Path(tempfile.mkdtemp(prefix=".evaluation-", dir=predictions_path.parent))
+        if not write_classification_report(rows, label_names, partial):
+            partial.rmdir()
             return False
-        client(run.tracking_uri).log_artifacts(run.run_id, folder, "evaluation")
+        try:
+            os.rename(partial, folder)
+        except OSError:  # rendered meanwhile by a concurrent flow run
+            import shutil
+
+            shutil.rmtree(partial)
+    client(run.tracking_uri).log_artifacts(run.run_id, str(folder), "evaluation")
     return True

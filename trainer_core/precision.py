@@ -7,35 +7,48 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 PRECISIONS = ("no", "fp16", "bf16")
 AUTO = "auto"
 """trainer.mixed_precision=auto: bf16 where the hardware has native bf16, else fp32 (no)."""
 
 
-def cpu_flags() -> dict[str, Any]:
-    """The instruction-set flags torch's CPU probe reports (avx512_bf16, amx_bf16, ...); {} where it cannot say."""
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU instruction sets that run bf16 natively (elsewhere torch emulates bf16 slowly)."""
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of BF16_FLAGS this CPU has: on Linux as the kernel reports them in /proc/cpuinfo (no torch import, so
+    a cached flow run composes its config without torch), elsewhere as torch's CPU probe reports them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is not None:
+        return {flag: flag in flags for flag in BF16_FLAGS}
     import torch
 
     try:
-        return dict(torch._C._cpu._get_cpu_capability())  # private: torch has no public probe of these flags
+        found = dict(torch._C._cpu._get_cpu_capability())  # private: torch has no public probe of these flags
     except (AttributeError, RuntimeError, TypeError):
         return {}
+    return {flag: bool(found.get(flag)) for flag in BF16_FLAGS}
 
 
 def native_bf16(use_cpu: bool = True) -> str | None:
     """What gives this machine native bf16 (e.g. "CPU amx_bf16", "CUDA compute capability 9.0"), None if nothing:
-    Ampere or newer on CUDA; AMX or AVX512-BF16 on the CPU (elsewhere torch emulates bf16 slowly)."""
-    import torch
-
+    Ampere or newer on CUDA; AMX or AVX512-BF16 on the CPU."""
     if not use_cpu:
+        import torch
+
         if not torch.cuda.is_available():
             return None
         major, minor = torch.cuda.get_device_capability()
         return f"CUDA compute capability {major}.{minor}" if major >= 8 else None
     flags = cpu_flags()
-    return next((f"CPU {flag}" for flag in ("amx_bf16", "avx512_bf16") if flags.get(flag)), None)
+    return next((f"CPU {flag}" for flag in BF16_FLAGS if flags.get(flag)), None)
 
 
 def resolve(mixed_precision: str, use_cpu: bool = True) -> tuple[str, str]:

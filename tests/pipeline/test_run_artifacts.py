@@ -27,7 +27,7 @@ def test_report_needs_scored_class_rows(tmp_path) -> None:
     assert not write_classification_report(regression, [], tmp_path / "none")
 
 
-def test_run_gets_its_splits_as_inputs_and_the_report_as_artifacts(tmp_path) -> None:
+def test_run_gets_its_splits_as_inputs_and_the_report_as_artifacts(tmp_path, monkeypatch) -> None:
     from mlflow import MlflowClient
 
     from stages.refs import DatasetRef
@@ -60,6 +60,16 @@ def test_run_gets_its_splits_as_inputs_and_the_report_as_artifacts(tmp_path) -> 
         table = list(csv.DictReader(handle))
     assert [(r["class"], r["support"]) for r in table] == [("no", "2"), ("yes", "2")]
     assert float(table[0]["precision"]) == 1.0 and float(table[1]["precision"]) == pytest.approx(2 / 3)
+
+    # a cached flow run logs the same report to its new run without rendering it again (no matplotlib)
+    again = mlflow_client.create_run(experiment).info.run_id
+    import stages.run_artifacts as run_artifacts
+
+    monkeypatch.setattr(run_artifacts, "_plot", lambda *a: pytest.fail("rendered the report a second time"))
+    assert log_classification_report(run.model_copy(update={"run_id": again}), predictions, ["no", "yes"])
+    assert sorted(a.path for a in mlflow_client.list_artifacts(again, "evaluation")) == names
+    assert [p.name for p in tmp_path.iterdir() if "evaluation" in p.name and p.is_dir()] != []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".evaluation-")]  # nothing half-written left
 
 
 def test_config_hash_covers_the_trainer_but_not_where_results_go() -> None:
