@@ -54,6 +54,29 @@ def is_remote(location: str) -> bool:
     return "://" in location
 
 
+def _probe(url: str) -> None:
+    """Refuse a remote paths.results that does not answer (down, wrong endpoint or credentials, no bucket): Prefect
+    would only log an error at each stage and run it uncached."""
+    import fsspec
+
+    from stages.schema import ConfigError
+
+    filesystem, path = fsspec.core.url_to_fs(url)
+    try:
+        try:
+            filesystem.ls(path)
+        except FileNotFoundError:  # no record yet: the bucket (container) itself must exist
+            filesystem.ls(path.split("/")[0])
+    except FileNotFoundError:
+        raise ConfigError(f"paths.results={url}: its bucket does not exist; create it or give another URL.") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the filesystem raises for an unreachable or refused store
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConfigError(
+            f"paths.results={url}: the result storage does not answer ({type(exc).__name__}: {reason}); check the "
+            "URL, the credentials in the environment (as its fsspec package reads them) and that the server is up."
+        ) from None
+
+
 def result_storage(root: str | Path, results: str | None = None):
     """What the stage tasks persist their records in (`task.with_options(result_storage=...)`): a Path, or for
     a remote URL a RemoteFileSystem block saved on the Prefect API under a name derived from the URL (Prefect
@@ -66,6 +89,7 @@ def result_storage(root: str | Path, results: str | None = None):
 
     from prefect.filesystems import RemoteFileSystem
 
+    _probe(location)
     block = RemoteFileSystem(basepath=location)
     block.save(f"finetune-results-{hashlib.sha256(location.encode()).hexdigest()[:12]}", overwrite=True)
     return block

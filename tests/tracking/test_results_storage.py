@@ -40,6 +40,15 @@ def test_a_results_url_whose_package_is_missing_is_refused_naming_the_key_and_th
     assert not Path(tmp_path / "prefect").exists()  # refused before anything was created
 
 
+def _s3_environment(monkeypatch, endpoint: str) -> None:
+    """What s3fs reads (AWS_*); its cached filesystem instances would keep another test's endpoint."""
+    s3fs = pytest.importorskip("s3fs")
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture
 def s3(monkeypatch):
     """moto's S3 server on loopback, one bucket; fsspec/s3fs reach it through the AWS_* environment."""
@@ -51,15 +60,24 @@ def s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
+    _s3_environment(monkeypatch, endpoint)
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="records")
     try:
         yield client
     finally:
         server.stop()
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_results_bucket_that_does_not_answer_or_exist_is_refused_naming_the_key(s3, monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match=r"paths\.results=s3://missing/finetune: its bucket does not exist"):
+        runtime.result_storage(tmp_path, "s3://missing/finetune")
+    _s3_environment(monkeypatch, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(ConfigError, match=r"paths\.results=s3://records/finetune: the result storage does not answer"):
+        runtime.result_storage(tmp_path, "s3://records/finetune")
 
 
 def test_stage_records_live_in_the_bucket_are_reused_and_dropped_there(s3, prefect_server, tmp_path):
