@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import runtime
 from flows.config import compose
 from stages import lineage
 from stages.batch_plan import BatchGeometry, batch_plan
@@ -29,10 +30,13 @@ from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
 from stages.train import should_retry, train
 
 
-def _run(stage, *args: Any, report: dict[str, str], seconds: dict[str, float] | None = None, **kwargs: Any) -> Any:
+def _run(stage, *args: Any, report: dict[str, str], seconds: dict[str, float] | None = None, storage: Any = None,
+         **kwargs: Any) -> Any:
     """Call a stage task, note whether Prefect served it from cache and how long it took, return its result
-    (raising on failure)."""
+    (raising on failure). `storage`: where its record persists (paths.results, flows/runtime.result_storage)."""
     started = time.monotonic()
+    if storage is not None:
+        stage = stage.with_options(result_storage=storage)
     state = stage(*args, return_state=True, **kwargs)
     result = state.result()  # raises the stage's exception if it failed
     report[stage.name] = "cached" if state.name == "Cached" else "ran"
@@ -57,6 +61,8 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
         return sweep.finetune_sweep()(list(overrides or []))
     started = time.monotonic()
     cfg = compose(overrides or [])
+    # paths.results from this run's config, also where no CLI set the environment (a worker's deployment run)
+    storage = runtime.result_storage(cfg.paths.root, cfg.paths.results)
     logger = get_run_logger()
     for key, choice in cfg.auto.items():
         logger.info("%s=auto resolved to %s", key, choice)
@@ -64,7 +70,7 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
     run = open_run(cfg, flow_run_id=str(flow_run.get_id() or ""), extra_tags=nested)
     stages: dict[str, str] = {}
     times: dict[str, float] = {}
-    timed = functools.partial(_run, report=stages, seconds=times)
+    timed = functools.partial(_run, report=stages, seconds=times, storage=storage)
     try:
         data = timed(prepare_data, cfg.task, cfg.model, cfg.paths)
         log_datasets(run, data, cfg.task)

@@ -16,7 +16,8 @@ Comments and formatting vanish in the tree anyway; removed from it are
 So rewording an error or a docstring reuses every cached stage; changing what a stage computes re-runs it.
 Other files a package ships (.json, .yaml) count byte for byte.
 
-Prefect stores one JSON record per key under its result storage. Before answering, the key function checks
+Prefect stores one JSON record per key under its result storage (paths.results: a folder or any fsspec URL).
+Before answering, the key function checks
 that the Ref stored for that key is still valid (files present, fingerprints match); if not it drops the
 record, so a cache hit whose files are gone becomes a miss instead of a crash downstream.
 """
@@ -217,15 +218,28 @@ def _results_dir() -> Path:
     return Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())
 
 
+def _drop_record(context: Any, key: str) -> None:
+    """Delete the record Prefect keeps for `key`, through the filesystem it keeps it in: the task run's result
+    storage (paths.results: a local folder or any fsspec URL), else Prefect's local default."""
+    storage = getattr(getattr(context, "result_store", None), "result_storage", None)
+    basepath = getattr(storage, "basepath", None)
+    if basepath and "://" in str(basepath):  # RemoteFileSystem: s3://, gs://, ...
+        filesystem, path = storage.filesystem, f"{str(basepath).rstrip('/')}/{key}"
+        if filesystem.exists(path):
+            filesystem.rm(path)
+        return
+    (Path(basepath).expanduser() if basepath else _results_dir()).joinpath(key).unlink(missing_ok=True)
+
+
 def cache_key_fn(stage: str, code: tuple[str, ...]) -> Callable[[Any, dict[str, Any]], str]:
     """Prefect cache_key_fn for a stage whose parameters include `paths` (PathsConfig)."""
 
-    def key_fn(_context: Any, parameters: dict[str, Any]) -> str:
+    def key_fn(context: Any, parameters: dict[str, Any]) -> str:
         key = stage_key(stage, parameters, code)
         ref = Ref.load(stage_dir(parameters["paths"].root, key) / "ref.json")
         if ref is None or not ref.is_valid():
             # What the record points at is gone or altered: forget it so that the stage runs again.
-            (_results_dir() / key).unlink(missing_ok=True)
+            _drop_record(context, key)
         return key
 
     return key_fn

@@ -208,9 +208,10 @@ def _best_checkpoint_model_id(mlflow_client, model: ModelRef, run: RunInfo) -> s
 
 
 def _link_checkpoint(mlflow_client, model_id: str, name: str, version: str) -> None:
-    """The open-source registry keeps no model_id on the version itself: the LoggedModel's `mlflow.modelVersions`
-    tag is the link the UI follows. An `mlflow server` sets it when the version is created with model_id; a
-    local store does not, so it is set here when missing."""
+    """The LoggedModel's `mlflow.modelVersions` tag is the link the UI follows (and the version's
+    `best_checkpoint_model_id` tag the other way). Set here rather than through create_model_version(model_id=):
+    an `mlflow server` accepts a model_id only for a source inside that LoggedModel, and the registered package
+    is not the checkpoint's files."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     linked = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
@@ -220,8 +221,7 @@ def _link_checkpoint(mlflow_client, model_id: str, name: str, version: str) -> N
     mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
 
 
-def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: dict[str, str],
-                    model_id: str | None = None):
+def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: dict[str, str]):
     from mlflow.exceptions import MlflowException
 
     try:
@@ -229,7 +229,7 @@ def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: di
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     for _ in range(300):
         if version.status == "READY":
             break
@@ -286,7 +286,8 @@ def register(
         best_model_id = _best_checkpoint_model_id(mlflow_client, model, run)
         if best_model_id:
             lineage["best_checkpoint_model_id"] = best_model_id
-        version = _create_version(mlflow_client, name, source, run.run_id, lineage, best_model_id)
+        # not model_id=: an mlflow server refuses a version whose source (this package) lies outside that LoggedModel
+        version = _create_version(mlflow_client, name, source, run.run_id, lineage)
         if best_model_id:
             _link_checkpoint(mlflow_client, best_model_id, name, str(version.version))
         log.info("register: created %s v%s", name, version.version)

@@ -273,7 +273,8 @@ class PathsConfig:
     default in conf/ is $FINETUNE_PATHS_ROOT when set (a serve process's --root), else .finetune."""
     results: str | None = None
     """Prefect's result storage (the cached stages' records): a path or file:// URL, e.g. on a filesystem every
-    worker mounts, so all workers share cache hits; None = <root>/prefect/results."""
+    worker mounts, or any fsspec URL whose package is installed (s3://bucket/prefix with s3fs), so all workers
+    share cache hits; None = <root>/prefect/results."""
 
 
 @dataclass
