@@ -616,6 +616,7 @@ def ranked(trials: list[Trial], higher_is_better: bool) -> list[Trial]:
 
 def _register(plan: SweepPlan, trials: list[Trial], logger) -> list[dict[str, Any]]:
     """The best trial (or every completed one, best first) through the register stage and its champion gate."""
+    from flows import runtime
     from stages import lineage
     from stages.refs import DatasetRef, MetricsRef, ModelRef
     from stages.register import register
@@ -633,8 +634,9 @@ def _register(plan: SweepPlan, trials: list[Trial], logger) -> list[dict[str, An
         overrides = plan.trial_overrides(trial.own)
         cfg = compose(overrides)
         run = RunInfo(**refs["run"])
-        version = register(ModelRef(**refs["model"]), MetricsRef(**refs["metrics"]), DatasetRef(**refs["data"]),
-                           cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run)
+        stage = register.with_options(result_storage=runtime.result_storage(cfg.paths.root, cfg.paths.results))
+        version = stage(ModelRef(**refs["model"]), MetricsRef(**refs["metrics"]), DatasetRef(**refs["data"]),
+                        cfg.task, cfg.registry, tracking_uri(cfg), cfg.paths, run)
         lineage.record(run, version, cfg, overrides)  # the trial's own overrides: reproduce= re-runs just it
         logger.info("sweep %s: trial %d registered as %s v%s (aliases: %s)", plan.name, trial.number, version.name,
                     version.version, ", ".join(version.aliases) or "none")
