@@ -47,10 +47,14 @@ def data_preflight(cfg: FinetuneConfig) -> None:
     """The raw data loads and matches the task config (columns present, labels in range). Skipped where the
     prepare_data stage holds a valid result for this config: the flow will not read the raw data then (its key
     names the data source, as the stage's cache does), and a cached run need not import datasets and torch."""
+    from stages.sources import load_raw
+
+    if not (Path(cfg.paths.root) / "stages" / "prepare_data").is_dir():  # nothing prepared: nor is prefect imported
+        load_raw(cfg.task, cfg.paths.root)
+        return
     from stages.caching import stage_dir, stage_key
     from stages.prepare_data import CODE, NAME
     from stages.refs import Ref
-    from stages.sources import load_raw
 
     key = stage_key(NAME, {"task": cfg.task, "model": cfg.model, "paths": cfg.paths}, CODE)
     ref = Ref.load(stage_dir(cfg.paths.root, key) / "ref.json")
