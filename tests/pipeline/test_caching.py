@@ -90,6 +90,33 @@ def test_a_record_whose_files_are_gone_or_altered_is_dropped(tmp_path: Path, res
     assert not record.exists()
 
 
+def test_the_data_preflight_reads_the_raw_data_unless_prepare_data_holds_a_valid_result(tmp_path, monkeypatch):
+    """A cached run skips loading the raw data (and importing datasets and torch); a first run, or one whose
+    prepared data is gone or altered, checks the raw data before anything starts."""
+    import stages.sources
+    from flows.finetune import data_preflight
+
+    loaded = []
+    monkeypatch.setattr(stages.sources, "load_raw", lambda task, root: loaded.append(task.name))
+    cfg = compose([f"paths.root={tmp_path}"])
+    data_preflight(cfg)  # nothing prepared under this root
+    assert loaded == ["rt_reviews"]
+
+    key = stage_key("prepare_data", {"task": cfg.task, "model": cfg.model, "paths": cfg.paths}, prepare_data.CODE)
+    out = stage_dir(cfg.paths.root, key)
+    (out / "dataset").mkdir(parents=True)
+    (out / "dataset" / "data.arrow").write_bytes(b"rows")
+    DatasetRef(path=str(out), fingerprint=dir_fingerprint(out), num_rows={"train": 1}, input_columns=["text"],
+               vocab_size=10, tokenizer_fingerprint="x").save(out / "ref.json")
+    data_preflight(cfg)
+    assert loaded == ["rt_reviews"]  # served from the stage's result: the raw data is not read
+
+    data_preflight(compose([f"paths.root={tmp_path}", "task.max_train_samples=100"]))  # another key
+    (out / "dataset" / "data.arrow").write_bytes(b"rowz")  # the prepared data altered: checked again
+    data_preflight(cfg)
+    assert loaded == ["rt_reviews"] * 3
+
+
 def test_batch_geometry_holds_only_what_shapes_the_plan() -> None:
     fields = {f.name for f in dataclasses.fields(batch_plan.BatchGeometry)}
     assert "learning_rate" not in fields and "weight_decay" not in fields
