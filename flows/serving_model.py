@@ -32,7 +32,8 @@ class TaskModel(PythonModel):
             self.meta = json.load(handle)
         self.family = get_task(self.meta["family"])(TaskSpec(**self.meta["task"]))
         if adapters.is_adapter_package(folder):  # registry.merge_adapter=false: the pinned base + the adapter
-            self.model, self.processor = self.family.load_for_serving(str(adapters.base_folder(folder)))
+            with adapters.base_folder(folder) as base:
+                self.model, self.processor = self.family.load_for_serving(str(base))
             self.model = adapters.attach(self.model, folder)
         else:
             self.model, self.processor = self.family.load_for_serving(folder)

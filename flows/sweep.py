@@ -50,6 +50,7 @@ from typing import Any
 
 from flows.config import compose
 from stages.schema import ConfigError, FinetuneConfig, stable_hash
+from trainer_core.files import write_json_atomic
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 COMPLETED_WITH_FAILURES = 3
@@ -519,16 +520,18 @@ class _PruneWatcher:
     """Reports a running trial's evaluations to Optuna as they appear; asks its ranks to stop once it should
     be pruned (flows/pruning.py reads the request)."""
 
-    POLL_SECONDS = 0.5
+    POLL_SECONDS = 0.1
+    """The trial's main process waits for each verdict (flows/pruning.py): this is what an evaluation costs it."""
 
     def __init__(self, asked, control_dir: Path, eval_metric: str):
-        from flows.pruning import EVALUATIONS, PRUNE
+        from flows.pruning import EVALUATIONS, JUDGED, PRUNE
 
         self.asked, self.eval_metric = asked, eval_metric
         self.evaluations, self.request = control_dir / EVALUATIONS, control_dir / PRUNE
+        self.judged = control_dir / JUDGED
         control_dir.mkdir(parents=True, exist_ok=True)
-        self.request.unlink(missing_ok=True)
-        self.evaluations.unlink(missing_ok=True)  # a trial number is used once; a leftover is not this trial's
+        for leftover in (self.request, self.evaluations, self.judged):  # a trial number is used once
+            leftover.unlink(missing_ok=True)
         self._lines_read = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="prune-watcher")
@@ -562,13 +565,13 @@ class _PruneWatcher:
                 break  # being written: read it next time
             self._lines_read += 1
             value = record["metrics"].get(self.eval_metric)
-            if value is None:
-                continue
-            self.asked.report(float(value), int(record["step"]))
-            if self.asked.should_prune():
-                self.pruned = True
-                self.request.write_text(f"pruned at step {record['step']} ({self.eval_metric}={value})\n")
-                return
+            if value is not None:
+                self.asked.report(float(value), int(record["step"]))
+                if self.asked.should_prune():
+                    self.pruned = True
+                    self.request.write_text(f"pruned at step {record['step']} ({self.eval_metric}={value})\n")
+                    return
+            write_json_atomic(self.judged, int(record["step"]))  # the ranks wait for this (or the request)
 
 
 def _study_trials(plan: SweepPlan, study) -> list[Trial]:
@@ -786,8 +789,6 @@ def _finetune_sweep(overrides: list[str]) -> dict[str, Any]:
     create_markdown_artifact(markdown=markdown, key="finetune-sweep-report",
                              description="Trials of the sweep, best first")
     end_run(parent, "FINISHED")
-    from trainer_core.files import write_json_atomic
-
     write_json_atomic(plan.folder / "report.json", report, sort_keys=False)
     logger.info("sweep %s: %s", plan.name, report["counts"])
     return report

@@ -12,10 +12,12 @@ trained in full through modules_to_save, as PEFT does itself for a SEQ_CLS task 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +257,12 @@ def is_adapter_package(folder: str | Path) -> bool:
     return (Path(folder) / BASE_REFERENCE).is_file()
 
 
-def base_folder(folder: str | Path) -> Path:
+@contextlib.contextmanager
+def base_folder(folder: str | Path) -> Iterator[Path]:
     """A folder the family's load_for_serving reads: the package's config and tokenizer, the pinned base's weights
-    (refused when their SHA-256 is not the pinned one). The head's weights come with the adapter."""
+    (refused when their SHA-256 is not the pinned one). The head's weights come with the adapter. A temporary
+    folder of links, removed when the block ends (the model has read its files by then)."""
+    import shutil
     import tempfile
 
     from transformers.utils import cached_file
@@ -271,11 +276,14 @@ def base_folder(folder: str | Path) -> Path:
         raise ValueError(f"Refusing the base of {folder}: {weights} has SHA-256 {found[:16]}..., the adapter was "
                          f"trained on {base['sha256'][:16]}... ({base['name_or_path']}@{base.get('revision')}).")
     out = Path(tempfile.mkdtemp(prefix="adapter-base-"))
-    for item in folder.iterdir():
-        if item.is_file() and item.name != BASE_REFERENCE:
-            (out / item.name).symlink_to(item.resolve())
-    (out / WEIGHTS).symlink_to(weights.resolve())
-    return out
+    try:
+        for item in folder.iterdir():
+            if item.is_file() and item.name != BASE_REFERENCE:
+                (out / item.name).symlink_to(item.resolve())
+        (out / WEIGHTS).symlink_to(weights.resolve())
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def attach(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:

@@ -117,10 +117,14 @@ def test_merged_and_adapter_registrations_predict_the_same_from_a_fresh_process(
 
     # a fresh process with nothing but the registry: models:/<name>/<version> of each
     uris = [f"models:/{rep['model_name']}/{rep['model_version']}" for rep in (merged, adapter)]
-    env = {**os.environ, "TEXTS": json.dumps(TEXTS), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    scratch = root / "fresh-tmp"  # the fresh process's temporary folder
+    scratch.mkdir()
+    env = {**os.environ, "TEXTS": json.dumps(TEXTS), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TMPDIR": str(scratch)}
     fresh = subprocess.run([sys.executable, "-c", "import os\n" + PREDICT, f"sqlite:///{root}/mlflow.db", *uris],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-4000:]
+    assert not list(scratch.glob("adapter-base-*"))  # the adapter's base folder of links is gone after loading
     line = next(x for x in fresh.stdout.splitlines() if x.startswith("PREDICTIONS "))
     found = json.loads(line.removeprefix("PREDICTIONS "))
     assert len(found[uris[0]]["score"]) == len(TEXTS)

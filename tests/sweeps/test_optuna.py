@@ -127,10 +127,13 @@ def test_a_weak_trial_is_pruned_early_and_not_registered(resumed, root) -> None:
     pruned = [t for t in report["trials"] if t["state"] == "PRUNED"]
     assert pruned, report["trials"]
     assert all(t["params"]["trainer.learning_rate"] == "1000000.0" for t in pruned)
-    # pruned before and after the kill; ranks stop when asked, at their next evaluation: a trial pruned early
-    # trains fewer steps than planned. (The verdict travels from the sweep's watcher thread to the ranks through
-    # a file, so one pruned at its last evaluations may reach the end first on a fast machine.)
+    # pruned before and after the kill; the ranks wait for the sweep's verdict on each evaluation, so a trial
+    # pruned at step N stops at step N + 1 (at N, its last, if N is the last step): fewer steps than planned
     assert {t["number"] < KILL_AFTER for t in pruned} == {True, False}, pruned
+    for trial in pruned:
+        verdict = (root / "sweeps" / "pruning" / f"trial-{trial['number']:04d}" / "prune").read_text()
+        step = int(verdict.removeprefix("pruned at step ").split()[0])
+        assert trial["global_step"] == min(step + 1, MAX_STEPS), (trial, verdict)
     assert any(t["global_step"] < MAX_STEPS for t in pruned), pruned
     completed = [t for t in report["trials"] if t["state"] == "COMPLETE"]
     assert all(t["global_step"] == MAX_STEPS for t in completed), completed

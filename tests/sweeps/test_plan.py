@@ -126,7 +126,7 @@ def test_a_resumed_study_keeps_its_finished_trials_and_reruns_the_interrupted_on
 
 
 def test_a_weak_trial_is_asked_to_stop(tmp_path) -> None:
-    from flows.pruning import PRUNE
+    from flows.pruning import PRUNE, judged_step
 
     plan = _plan(tmp_path)
     study = open_study(plan)
@@ -142,6 +142,7 @@ def test_a_weak_trial_is_asked_to_stop(tmp_path) -> None:
     with open(control / "evaluations.jsonl", "a") as f:  # what flows.pruning.PruneOnRequest writes
         f.write(json.dumps({"step": 4, "metrics": {"eval_loss": 0.7, "eval_accuracy": 0.65}}) + "\n")
     assert not watcher.stop() and not (control / PRUNE).exists()  # better than the median at step 4
+    assert judged_step(control) == 4  # judged: the trial's main process, waiting for the verdict, goes on
     watcher = _PruneWatcher(weak, control, "eval_accuracy")  # e.g. a relaunch: a fresh file, the same trial
     watcher.start()
     with open(control / "evaluations.jsonl", "a") as f:
@@ -150,17 +151,33 @@ def test_a_weak_trial_is_asked_to_stop(tmp_path) -> None:
     assert watcher.stop() and (control / PRUNE).read_text().startswith("pruned at step 8")
 
 
-def test_the_prune_callback_relays_evaluations_and_stops_when_asked(tmp_path) -> None:
-    from flows.pruning import PruneOnRequest
+def test_the_prune_callback_relays_evaluations_and_stops_when_asked(tmp_path, monkeypatch) -> None:
+    import threading
+
+    from flows import pruning
     from trainer_core.callbacks import TrainerControl, TrainerState
 
-    callback = PruneOnRequest(str(tmp_path))
+    callback = pruning.PruneOnRequest(str(tmp_path))
     state, control = TrainerState(global_step=4), TrainerControl()
-    callback.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.5})
+    # the main process waits for the sweep's verdict on its evaluation before it trains on
+    waiting = threading.Thread(target=callback.on_evaluate, args=(None, state, control),
+                               kwargs={"metrics": {"eval_accuracy": 0.5}})
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive()
     assert json.loads((tmp_path / "evaluations.jsonl").read_text()) == {"step": 4, "metrics": {"eval_accuracy": 0.5}}
+    (tmp_path / pruning.JUDGED).write_text("4\n")  # what the sweep's watcher writes: judged, not pruned
+    waiting.join(timeout=30)
+    assert not waiting.is_alive()
     assert not callback.on_step_end(None, state, control).should_training_stop
     (tmp_path / "prune").write_text("pruned\n")
     assert callback.on_step_end(None, state, control).should_training_stop
+
+    # a sweep that stopped answering does not hold the ranks for ever
+    monkeypatch.setattr(pruning, "VERDICT_WAIT_SECONDS", 0.2)
+    (tmp_path / "prune").unlink()
+    callback.on_evaluate(None, TrainerState(global_step=8), control, metrics={"eval_accuracy": 0.5})
+    assert pruning.judged_step(tmp_path) == 4
 
 
 def test_the_best_trial_and_the_ranking() -> None:
