@@ -30,14 +30,12 @@ from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
 from stages.train import should_retry, train
 
 
-def _run(stage, *args: Any, report: dict[str, str], seconds: dict[str, float] | None = None, storage: Any = None,
+def _run(stage, *args: Any, report: dict[str, str], storage: Any, seconds: dict[str, float] | None = None,
          **kwargs: Any) -> Any:
     """Call a stage task, note whether Prefect served it from cache and how long it took, return its result
     (raising on failure). `storage`: where its record persists (paths.results, flows/runtime.result_storage)."""
     started = time.monotonic()
-    if storage is not None:
-        stage = stage.with_options(result_storage=storage)
-    state = stage(*args, return_state=True, **kwargs)
+    state = stage.with_options(result_storage=storage)(*args, return_state=True, **kwargs)
     result = state.result()  # raises the stage's exception if it failed
     report[stage.name] = "cached" if state.name == "Cached" else "ran"
     if seconds is not None:

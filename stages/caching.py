@@ -57,21 +57,32 @@ def _module_path(name: str, repo: Path) -> Path | None:
 
 
 def _imports(path: Path) -> frozenset[str]:
+    """The project modules a .py file imports."""
+    return _source_facts(path)[1]
+
+
+def _source_facts(path: Path) -> tuple[str, frozenset[str]]:
+    """(code_digest, project imports) of a file, computed once per file version from one parse: the stages of
+    one flow share most of their files (trainer_core)."""
     stat = path.stat()
-    return _imports_of(path, stat.st_mtime_ns, stat.st_size)
+    return _facts_of_version(path, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.cache
-def _imports_of(path: Path, _mtime_ns: int, _size: int) -> frozenset[str]:
-    """The project modules a file imports, once per file version (the stages share most of their files)."""
+def _facts_of_version(path: Path, _mtime_ns: int, _size: int) -> tuple[str, frozenset[str]]:
+    if path.suffix != ".py":
+        return sha256_file(path), frozenset()
+    tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return frozenset(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+    imports = frozenset(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+    stripped = _WithoutMessages().visit(tree)  # after the walk: it edits the tree in place
+    return hashlib.sha256(ast.dump(stripped, annotate_fields=False).encode()).hexdigest(), imports
 
 
 @functools.cache
@@ -171,18 +182,9 @@ class _WithoutMessages(ast.NodeTransformer):
 
 
 def code_digest(path: Path) -> str:
-    """SHA-256 of what in this file decides results: a .py file's tree without docstrings and messages."""
-    stat = path.stat()
-    return _digest(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.cache
-def _digest(path: Path, _mtime_ns: int, _size: int) -> str:
-    """code_digest once per file version: the stages of one flow share most of their files (trainer_core)."""
-    if path.suffix != ".py":
-        return sha256_file(path)
-    tree = _WithoutMessages().visit(ast.parse(path.read_text(), filename=str(path)))
-    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+    """SHA-256 of what in this file decides results: a .py file's tree without docstrings and messages; any
+    other file's bytes."""
+    return _source_facts(path)[0]
 
 
 @functools.cache

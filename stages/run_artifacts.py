@@ -13,7 +13,10 @@ The report is computed from the predictions file (the test split, when it has la
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -119,9 +122,6 @@ def log_classification_report(run: RunInfo, predictions_path: str | Path, label_
     """Log the report of these predictions to the run. It is rendered once, into a folder beside the predictions
     (named by the label names too, written whole or not at all), so a cached flow run logs it again without
     matplotlib."""
-    import hashlib
-    import os
-
     predictions_path = Path(predictions_path)
     names = hashlib.sha256(json.dumps(list(label_names)).encode()).hexdigest()[:12]
     folder = predictions_path.parent / f"evaluation-{names}"
@@ -134,8 +134,6 @@ def log_classification_report(run: RunInfo, predictions_path: str | Path, label_
         try:
             os.rename(partial, folder)
         except OSError:  # rendered meanwhile by a concurrent flow run
-            import shutil
-
             shutil.rmtree(partial)
     client(run.tracking_uri).log_artifacts(run.run_id, str(folder), "evaluation")
     return True
