@@ -39,7 +39,7 @@ from typing import Any
 
 from stages.refs import Ref, write_json_atomic
 from stages.schema import stable_hash
-from trainer_core.files import sha256_file
+from trainer_core.files import sha256_file, user_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("flows", "stages", "trainer_core")
@@ -72,7 +72,18 @@ def _source_facts(path: Path) -> tuple[str, frozenset[str]]:
 def _facts_of_version(path: Path, _mtime_ns: int, _size: int) -> tuple[str, frozenset[str]]:
     if path.suffix != ".py":
         return sha256_file(path), frozenset()
-    tree = ast.parse(path.read_text(), filename=str(path))
+    source = path.read_bytes()
+    content = hashlib.sha256(source).hexdigest()
+    memo = _FactsMemo.get()
+    if (known := memo.lookup(content)) is not None:
+        return known[0], frozenset(known[1])
+    digest, imports = _parse_facts(source, path)
+    memo.add(content, digest, imports)
+    return digest, imports
+
+
+def _parse_facts(source: bytes, path: Path) -> tuple[str, frozenset[str]]:
+    tree = ast.parse(source, filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -83,6 +94,67 @@ def _facts_of_version(path: Path, _mtime_ns: int, _size: int) -> tuple[str, froz
     imports = frozenset(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
     stripped = _WithoutMessages().visit(tree)  # after the walk: it edits the tree in place
     return hashlib.sha256(ast.dump(stripped, annotate_fields=False).encode()).hexdigest(), imports
+
+
+class _FactsMemo:
+    """(code digest, imports) of .py sources by the SHA-256 of their bytes, kept across processes in the user's
+    cache folder: parsing the ~70 files of a flow's stages costs ~0.5 s, reading them and this memo ~10 ms. One
+    file per Python version (ast.dump's output differs between versions) and per version of this module's rules
+    (an edit of stages/caching.py starts a new memo). A memo that cannot be read or written only costs the parse."""
+
+    _instance: _FactsMemo | None = None
+    LIMIT = 4096
+    """Entries kept at most; beyond it a save keeps only what this process used."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path = path
+        self.new: dict[str, list] = {}
+        self.used: set[str] = set()
+        self._lock = threading.Lock()  # a sweep's trials key their stages in threads of one process
+        try:
+            self.facts: dict[str, list] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.facts = {}
+
+    @classmethod
+    def get(cls) -> _FactsMemo:
+        if cls._instance is None:
+            import sys
+
+            rules = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+            version = f"py{sys.version_info[0]}{sys.version_info[1]}"
+            cls._instance = cls(user_cache_dir() / f"code-facts-{version}-{rules}.json")
+        return cls._instance
+
+    def lookup(self, content: str) -> list | None:
+        self.used.add(content)
+        return self.facts.get(content)
+
+    def add(self, content: str, digest: str, imports: frozenset[str]) -> None:
+        self.facts[content] = self.new[content] = [digest, sorted(imports)]
+
+    def save(self) -> None:
+        """Merged with what other processes saved meanwhile (entries never change: the key is the content)."""
+        with self._lock:
+            if not self.new:
+                return
+            try:
+                merged = {**json.loads(self.path.read_text()), **self.new}
+            except (OSError, ValueError):
+                merged = dict(self.new)
+            if len(merged) > self.LIMIT:
+                merged = {content: merged[content] for content in self.used if content in merged}
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.path, merged, indent=None)
+                self.new = {}
+                for stale in self.path.parent.glob(self.path.name.rsplit("-", 1)[0] + "-*.json"):
+                    if stale != self.path:  # an earlier version of the rules
+                        stale.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only home: the next process parses again
 
 
 @functools.cache
@@ -108,6 +180,7 @@ def code_files(*modules: str, repo: Path = REPO) -> tuple[Path, ...]:
             continue
         seen.add(path)
         todo.extend(_imports(path))
+    _FactsMemo.get().save()
     return tuple(sorted(seen))
 
 

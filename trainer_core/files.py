@@ -87,3 +87,9 @@ def replace_dir(tmp: str | Path, final: str | Path) -> Path:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+def user_cache_dir() -> Path:
+    """This project's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache): what can be recomputed at any
+    time (stages/caching's code facts, flows/temporary_api's database template)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"

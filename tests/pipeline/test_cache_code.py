@@ -6,14 +6,18 @@ Each test edits a copy of the repository (never the checkout) and compares the s
 from __future__ import annotations
 
 import ast
+import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from stages import prepare_data, train
-from stages.caching import REPO, code_digest, stage_key
+from stages.caching import REPO, code_digest, code_version, stage_key
 
 PACKAGES = ("flows", "stages", "trainer_core")
 
@@ -147,3 +151,52 @@ def test_log_messages_do_not_count_but_their_arguments_do(tmp_path: Path) -> Non
     assert digest('log.info("did %d steps", steps)\nerrors.append(f"wrong {key}")\nraise ValueError("nope")\n') == base
     assert digest('log.info("ran %d steps", epochs)\nerrors.append(f"bad {key}")\nraise ValueError("no")\n') != base
     assert digest('log.info("ran %d steps", steps)\nerrors.append(f"bad {key}")\nraise KeyError("no")\n') != base
+
+
+FACTS_SCRIPT = """
+import json, sys
+from pathlib import Path
+import stages.caching as caching
+from stages import train
+parses = []
+parse = caching._parse_facts
+caching._parse_facts = lambda source, path: parses.append(path.name) or parse(source, path)
+version = caching.code_version(*train.CODE, repo=Path(sys.argv[1]))
+print(json.dumps({"version": version, "parses": parses}))
+"""
+
+
+def _facts_process(repo: Path, cache: Path) -> dict:
+    """train's code version computed in a new process whose user cache is `cache`, and which files it parsed."""
+    done = subprocess.run([sys.executable, "-c", FACTS_SCRIPT, str(repo)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_code_facts_are_remembered_by_content_across_processes(repo_copy, tmp_path: Path) -> None:
+    repo, cache = repo_copy("base"), tmp_path / "cache"
+    first = _facts_process(repo, cache)
+    assert len(first["parses"]) > 20  # every .py file of train's code, once
+    assert first["version"] == code_version(*train.CODE, repo=repo)  # what this process's parse gives
+    second = _facts_process(repo, cache)
+    assert second == {"version": first["version"], "parses": []}  # all from the memo, the same version
+
+    # new bytes, the same size and modification time: parsed again (the memo's key is the content)
+    path, function = tokenization_code(repo)
+    stat = path.stat()
+    _edit_code(path, function)
+    text = path.read_text().rstrip("\n")  # the edit changed the length by a character or two: restore it
+    path.write_text(text + "\n" * (stat.st_size - len(text.encode())))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    third = _facts_process(repo, cache)
+    assert third["parses"] == [path.name]
+    assert third["version"] != first["version"]
+
+    # a memo that cannot be read costs a parse, and is written anew
+    memo = next((cache / "finetune").glob("code-facts-*.json"))
+    memo.write_text("{not json")
+    fourth = _facts_process(repo, cache)
+    assert len(fourth["parses"]) == len(first["parses"]) and fourth["version"] == third["version"]
+    assert _facts_process(repo, cache)["parses"] == []
