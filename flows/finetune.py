@@ -16,13 +16,15 @@ registered model version and its aliases, and the final metrics; the same report
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sys
 from pathlib import Path
 
 from flows import runtime
-from flows.config import compose
+from flows.config import compose, hand_over
+from flows.temporary_api import TemporaryAPI
 from stages.schema import ConfigError, FinetuneConfig
 from trainer_core.files import write_json_atomic
 
@@ -76,6 +78,8 @@ def servers_preflight(cfg: FinetuneConfig) -> None:
             "127.0.0.1 --port 5000`) or drop tracking.uri to use the local store under paths.root."
         )
     api_url = os.environ.get("PREFECT_API_URL", "")
+    if TemporaryAPI.current is not None and api_url == TemporaryAPI.current.url:
+        return  # ours, still booting: start_prefect_api waits for it
     if api_url.startswith(("http://", "https://")) and (problem := probe(api_url)):
         raise ConfigError(
             f"PREFECT_API_URL={api_url}: the Prefect API does not answer ({problem}). Start it (`prefect server "
@@ -180,6 +184,26 @@ def reproduce(overrides: list[str]) -> int:
     return 1
 
 
+def start_prefect_api(cfg: FinetuneConfig, api: TemporaryAPI | None = None) -> None:
+    """Where no PREFECT_API_URL is set, start the temporary Prefect API (flows/temporary_api.py; `api`: started
+    already) and, while it boots, import the flow's modules (prefect among them: only now that its environment is
+    set) and open the MLflow store; return once the API answers (RuntimeError if it does not)."""
+    api = api or TemporaryAPI.start()
+    import flows.pipeline  # noqa: F401
+    from stages.tracking import ensure_store, tracking_uri
+
+    if api is None:
+        return
+    from prefect.logging import get_logger
+
+    get_logger().info("Temporary Prefect API on %s (no PREFECT_API_URL set; it stops with this run)", api.url)
+    try:
+        ensure_store(tracking_uri(cfg))
+    except Exception:  # noqa: BLE001 - the flow opens the store again and reports what fails there
+        pass
+    api.wait()
+
+
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -195,20 +219,35 @@ def main(argv: list[str] | None = None) -> int:
         return sweep.main(overrides)
     if any(o.startswith("reproduce=") for o in overrides):
         return reproduce(overrides)
+    api = None
     try:
         cfg = compose(overrides)
         runtime.configure(cfg.paths.root, cfg.paths.results)
+        if (Path(cfg.paths.root) / "prefect" / "prefect.db").is_file():  # a root in use: the API writes nothing new
+            api = TemporaryAPI.start()  # so it boots during the preflight already
         preflight(cfg)
     except ConfigError as exc:
+        if api is not None:
+            api.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     runtime.create_state_dirs(cfg.paths.root)
+    # SIGTERM (a scheduler, `timeout`, `kill`) stops the flow as Ctrl-C does: the train stage then SIGTERMs its
+    # ranks, which checkpoint the step they are at (trainer.save_on_sigterm) before they exit; the temporary API
+    # stops at the exit
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        start_prefect_api(cfg, api)
+    except KeyboardInterrupt:
+        print("error: interrupted before the flow started", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     from flows.pipeline import finetune  # imports prefect: only now that its environment is set
 
     try:
-        # SIGTERM (a scheduler, `timeout`, `kill`) stops the flow as Ctrl-C does: the train stage then SIGTERMs its
-        # ranks, which checkpoint the step they are at (trainer.save_on_sigterm) before they exit
-        signal.signal(signal.SIGTERM, _interrupt)
+        hand_over(overrides, cfg)
         report = finetune(overrides)
     except KeyboardInterrupt:
         print("error: interrupted; the ranks saved the step they were at: run the same command to resume",
@@ -226,4 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything alive now lives until the exit: the interpreter's final garbage collections over prefect's,
+    # mlflow's and sqlalchemy's objects cost ~2 s and free nothing that matters (atexit handlers still run).
+    gc.freeze()
+    sys.exit(code)

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import runtime
-from flows.config import compose
+from flows.config import composed
 from stages import lineage
 from stages.batch_plan import BatchGeometry, batch_plan
 from stages.evaluate import evaluate
@@ -58,7 +58,7 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
     if sweep.is_sweep(overrides or []):  # the finetune/sweep deployment: the sweep runs as a subflow of this run
         return sweep.finetune_sweep()(list(overrides or []))
     started = time.monotonic()
-    cfg = compose(overrides or [])
+    cfg = composed(overrides or [])
     # paths.results from this run's config, also where no CLI set the environment (a worker's deployment run)
     storage = runtime.result_storage(cfg.paths.root, cfg.paths.results)
     logger = get_run_logger()

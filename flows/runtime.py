@@ -123,10 +123,11 @@ def configure(root: str | Path, results: str | None = None) -> None:
         os.environ.setdefault(key, value)
     # Prefect's own settings win over a user's profile for these two: our cache lives under paths.root.
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
-    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock"):
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def create_state_dirs(root: str | Path) -> None:
     """Called once the input passed preflight: Prefect needs its home's parent to exist."""
     (Path(root).resolve() / "prefect").mkdir(parents=True, exist_ok=True)
+

@@ -830,7 +830,7 @@ def _summary(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     """`python -m flows.finetune -m ...` (flows/finetune.py hands sweeps here). Exit codes: module docstring."""
     from flows import runtime
-    from flows.finetune import family_preflight, preflight
+    from flows.finetune import family_preflight, preflight, start_prefect_api
 
     try:
         plan = plan_sweep(argv)
@@ -843,6 +843,7 @@ def main(argv: list[str]) -> int:
         return 2
     runtime.create_state_dirs(plan.base.paths.root)
     try:
+        start_prefect_api(plan.base)
         report = finetune_sweep()(plan.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -132,3 +132,17 @@ def test_flattened_params_redact_secrets() -> None:
     assert params["trainer.learning_rate"] == cfg.trainer.learning_rate
     assert all("hunter2" not in str(v) for v in params.values())
     assert flatten({"hub": {"token": "hf_abc"}}) == {"hub.token": "***"}
+
+
+def test_the_flow_takes_the_command_line_s_config_only_for_the_same_overrides_and_once() -> None:
+    from flows.config import composed, hand_over
+
+    cli = compose(["trainer.learning_rate=3e-5"])
+    hand_over(["trainer.learning_rate=3e-5"], cli)
+    assert composed(["trainer.learning_rate=3e-5"]) is cli
+    again = composed(["trainer.learning_rate=3e-5"])  # taken once: a second flow in the process composes
+    assert again is not cli and again == cli
+    hand_over(["trainer.learning_rate=3e-5"], cli)
+    other = composed(["trainer.learning_rate=1e-4"])  # a flow with other overrides composes its own
+    assert other.trainer.learning_rate == 1e-4
+    assert composed(["trainer.learning_rate=3e-5"]) is not cli  # and the hand-over is gone
