@@ -128,6 +128,7 @@ def launch_command(hardware: HardwareConfig, config_file: Path, program: list[st
         local = max(hardware.num_processes // max(hardware.num_machines, 1), 1)
         threads = hardware.threads_per_process or max((os.cpu_count() or 1) // local, 1)
         env["OMP_NUM_THREADS"] = str(threads)
+        env.setdefault("DS_ACCELERATOR", "cpu")  # accelerate imports DeepSpeed, whose guess logs a warning
     # Ranks import trainer_core from the repo, wherever the flow was started from.
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)

@@ -211,7 +211,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs:
-            self.bar.set_postfix({k: round(v, 4) for k, v in logs.items() if isinstance(v, float)}, refresh=False)
+            self.bar.set_postfix({k: float(f"{v:.4g}") for k, v in logs.items() if isinstance(v, float)}, refresh=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
