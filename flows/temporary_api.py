@@ -152,7 +152,7 @@ def _save_template(database: Path) -> None:
     partial = template.with_name(f".{template.name}.{os.getpid()}")
     try:
         template.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(database)) as source, \
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as source, \
                 contextlib.closing(sqlite3.connect(partial)) as copy:
             source.backup(copy)
             runs = copy.execute("SELECT count(*) FROM flow_run").fetchone()[0]

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,16 @@ def log_datasets(run: RunInfo, data: DatasetRef, task: TaskConfig) -> None:
         dataset = MetaDataset(source=source, name=f"{task.name}-{split}", digest=data.fingerprint[:32])
         tags = [InputTag("mlflow.data.context", split), InputTag("num_rows", str(data.num_rows[split]))]
         inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags))
-    client(run.tracking_uri).log_inputs(run.run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            client(run.tracking_uri).log_inputs(run.run_id, datasets=inputs)
+            return
+        except Exception as exc:  # noqa: BLE001 - MLflow's wrapping of the store's IntegrityError varies by store
+            # flows started together log the same datasets: the store checks, then inserts, and one insert loses
+            # the race; on the next try it finds the dataset and links it
+            if attempt == 2 or "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def per_class(truth: list[int], predicted: list[int], num_classes: int) -> tuple[list[list[int]], list[dict]]:
