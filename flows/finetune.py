@@ -189,12 +189,12 @@ def start_prefect_api(cfg: FinetuneConfig, api: TemporaryAPI | None = None) -> N
     already) and, while it boots, import the flow's modules (prefect among them: only now that its environment is
     set) and open the MLflow store; return once the API answers (RuntimeError if it does not)."""
     api = api or TemporaryAPI.start()
-    import flows.pipeline  # noqa: F401
-    from stages.tracking import ensure_store, tracking_uri
-
     if api is None:
         return
     from prefect.logging import get_logger
+
+    import flows.pipeline  # noqa: F401
+    from stages.tracking import ensure_store, tracking_uri
 
     get_logger().info("Temporary Prefect API on %s (no PREFECT_API_URL set; it stops with this run)", api.url)
     try:

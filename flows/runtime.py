@@ -130,4 +130,3 @@ def configure(root: str | Path, results: str | None = None) -> None:
 def create_state_dirs(root: str | Path) -> None:
     """Called once the input passed preflight: Prefect needs its home's parent to exist."""
     (Path(root).resolve() / "prefect").mkdir(parents=True, exist_ok=True)
-

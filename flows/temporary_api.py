@@ -7,8 +7,8 @@ start it only once the flow begins, after importing its server code). The flow r
 PREFECT_API_URL, as they reach a `prefect server`; it stops when the process exits, after Prefect's log and
 event workers have flushed.
 
-A new paths.root starts from a template of Prefect's database (its ~200 migrations applied, ~10 s of work on
-2 cores) kept per Prefect version in the user's cache folder: the first new root on a machine migrates and saves
+A new paths.root starts from a template of Prefect's database (its 113 SQLite migrations applied, ~10 s of work
+on 2 cores) kept per Prefect version in the user's cache folder: the first new root on a machine migrates and saves
 it, every later one copies it. Only Prefect's default database (a SQLite file in PREFECT_HOME) is templated.
 """
 

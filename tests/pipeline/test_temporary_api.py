@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from tests.pipeline.helpers import REPO
@@ -60,7 +61,7 @@ def _gone(pid: int) -> bool:
 
 def test_flows_run_on_the_temporary_api_and_new_roots_start_from_the_template(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    template = cache / "finetune" / f"prefect-{__import__('importlib.metadata').metadata.version('prefect')}.db"
+    template = cache / "finetune" / f"prefect-{metadata.version('prefect')}.db"
     template.parent.mkdir(parents=True)
     template.write_bytes(b"not a database")  # e.g. a cache left by a broken install: dropped, then rebuilt
 
