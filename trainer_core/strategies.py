@@ -14,6 +14,7 @@ DeepSpeed ZeRO engine (trainer_core.zero). The loop itself never asks which one 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -224,8 +225,27 @@ class DeepSpeedStrategy(Strategy):
 def make_strategy(accelerator: Any, args: TrainingArguments, distributed: dict[str, Any] | None = None) -> Strategy:
     """The strategy of this launch: DeepSpeed when `accelerate launch` set it up, FSDP2 when the run spec asks for
     FSDP over several processes (Accelerate would silently run it as DDP on CPU), else plain / DDP."""
+    _deepspeed_engines_need_deepspeed()
     if zero.active(accelerator):
         return DeepSpeedStrategy(accelerator, args, distributed)
     if fsdp2.needs_manual_fsdp(distributed, accelerator):
         return FSDP2Strategy(accelerator, args, distributed)
     return Strategy(accelerator, args, distributed)
+
+
+def _deepspeed_engines_need_deepspeed() -> None:
+    """Accelerate's unwrap_model (inside get_state_dict, save_model, ... too) imports deepspeed wherever it is
+    installed, only to ask whether the model is a DeepSpeedEngine: ~1 s per rank of a run that has none. A model can
+    be an engine only once deepspeed is imported (a DeepSpeed run imports it to build one), so the question is put
+    to sys.modules first. Idempotent; the answer for a DeepSpeed run is unchanged."""
+    from accelerate.utils import other
+
+    installed = other.is_deepspeed_available
+    if getattr(installed, "asks_sys_modules", False):
+        return
+
+    def deepspeed_in_use() -> bool:
+        return "deepspeed" in sys.modules and installed()
+
+    deepspeed_in_use.asks_sys_modules = True
+    other.is_deepspeed_available = deepspeed_in_use

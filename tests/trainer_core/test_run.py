@@ -1,6 +1,9 @@
 """trainer_core.run in-process: train from a spec, then build_trainer on final/ to predict (evaluate stage)."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,19 @@ def test_run_then_predict_on_final(tmp_path):
     assert abs(out.metrics["test_loss"] - last_eval["metrics"]["eval_loss"]) < 1e-6
     assert set(out.metrics) == {"test_loss", "test_accuracy", "test_f1"}
     assert not (Path(spec.output_dir) / "checkpoints" / "step-00000007").exists()
+
+
+def test_a_run_without_deepspeed_never_imports_it(tmp_path):
+    """Accelerate's unwrap_model imports deepspeed (~1 s per rank) wherever it is installed; a plain run has no
+    engine to unwrap. A fresh interpreter: trains, checkpoints, saves final/, and never imports it."""
+    assert importlib.util.find_spec("deepspeed") is not None  # installed here, or this test proves nothing
+    spec, path = _spec(tmp_path, "one", world_size=1)
+    script = ("import sys; from trainer_core.run import main; code = main(['--spec', sys.argv[1]]); "
+              "print(code, 'deepspeed' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stderr[-2000:]
+    assert (Path(spec.output_dir) / "final" / "model.safetensors").is_file()
+    assert any((Path(spec.output_dir) / "checkpoints").iterdir())
 
 
 def test_tied_weights_round_trip(tmp_path):
