@@ -15,9 +15,7 @@ it, every later one copies it. Only Prefect's default database (a SQLite file in
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -26,8 +24,8 @@ import time
 from importlib import metadata, util
 from pathlib import Path
 
+from stages import db_template
 from stages.health import probe
-from trainer_core.files import user_cache_dir
 
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 """What Prefect's ephemeral mode sets for its server process."""
@@ -124,41 +122,15 @@ class TemporaryAPI:
 
 
 def template_path() -> Path:
-    return user_cache_dir() / f"prefect-{metadata.version('prefect')}.db"
+    return db_template.path("prefect", metadata.version("prefect"))
 
 
 def _seed_from_template(database: Path) -> bool:
-    """Give a new home the template database; False where there is no template yet. Linked into place, so a
-    flow that started in the same new root meanwhile keeps the database its server opened."""
-    template = template_path()
-    if not template.is_file():
-        return False
-    partial = database.with_name(f".{database.name}.{os.getpid()}")
-    try:
-        shutil.copyfile(template, partial)
-        os.link(partial, database)
-    except FileExistsError:
-        pass
-    except OSError:
-        return False
-    finally:
-        partial.unlink(missing_ok=True)
-    return True
+    return db_template.seed(database, template_path())
 
 
 def _save_template(database: Path) -> None:
-    """A consistent copy of a just-migrated database (SQLite's backup reads through its write-ahead log)."""
-    template = template_path()
-    partial = template.with_name(f".{template.name}.{os.getpid()}")
-    try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as source, \
-                contextlib.closing(sqlite3.connect(partial)) as copy:
-            source.backup(copy)
-            runs = copy.execute("SELECT count(*) FROM flow_run").fetchone()[0]
-        if runs:  # another flow started in the same new root meanwhile: its runs must not seed other roots
-            partial.unlink()
-            return
-        os.replace(partial, template)
-    except (OSError, sqlite3.Error):
-        partial.unlink(missing_ok=True)  # a read-only cache: the next new root migrates again
+    def no_flow_runs(copy: sqlite3.Connection) -> bool:  # another flow in the same new root must not seed others
+        return copy.execute("SELECT count(*) FROM flow_run").fetchone()[0] == 0
+
+    db_template.save(database, template_path(), no_flow_runs)

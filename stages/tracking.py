@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,34 @@ def client(uri: str):
 
 
 def ensure_store(uri: str) -> None:
-    """Create the SQLite store once, before any concurrent writer (concurrent creation races on migrations)."""
+    """Create the SQLite store once, before any concurrent writer (concurrent creation races on migrations). A new
+    one is a copy of the template of MLflow's migrated schema (stages.db_template); the first one saves it."""
     if not uri.startswith("sqlite:///"):
         client(uri).search_experiments(max_results=1)
         return
+    from stages import db_template
     from stages.caching import key_lock
 
-    with key_lock(Path(uri.removeprefix("sqlite:///")), log, "mlflow"):  # flows started together: one migrates
-        client(uri).search_experiments(max_results=1)
+    database = Path(uri.removeprefix("sqlite:///"))
+    with key_lock(database, log, "mlflow"):  # flows started together: one creates it
+        if database.exists():
+            client(uri).search_experiments(max_results=1)
+            return
+        template = db_template.path("mlflow", installed_version("mlflow"))
+        seeded = db_template.seed(database, template)
+        client(uri).search_experiments(max_results=1)  # migrates, or opens the copy (MLflow adds Default to it)
+        if not seeded:
+            db_template.save(database, template, _empty_store)
+
+
+def _empty_store(copy) -> bool:
+    """The template is the schema alone: not even the Default experiment, whose artifact location MLflow derives
+    for each store it opens. Refused if it holds any work (it never should: the creator holds the store's lock)."""
+    work = copy.execute("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM registered_models) + "
+                        "(SELECT count(*) FROM experiments WHERE experiment_id != 0)").fetchone()[0]
+    copy.execute("DELETE FROM experiment_tags")
+    copy.execute("DELETE FROM experiments")
+    return work == 0
 
 
 def _experiment_id(mlflow_client, cfg: FinetuneConfig) -> str:

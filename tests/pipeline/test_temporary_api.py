@@ -6,6 +6,7 @@ Each case runs in a fresh Python process: Prefect reads PREFECT_API_URL when it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -63,7 +64,11 @@ def test_flows_run_on_the_temporary_api_and_new_roots_start_from_the_template(tm
     cache = tmp_path / "cache"
     template = cache / "finetune" / f"prefect-{metadata.version('prefect')}.db"
     template.parent.mkdir(parents=True)
-    template.write_bytes(b"not a database")  # e.g. a cache left by a broken install: dropped, then rebuilt
+    # a cache left by a broken install: a database at a revision this Prefect does not know (its server exits)
+    with contextlib.closing(sqlite3.connect(template)) as con:
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+        con.commit()
 
     first = _run(tmp_path / "a", cache)
     assert first["setting"] == first["url"]  # the flow ran on our API, not on one Prefect started itself
