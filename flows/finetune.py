@@ -52,7 +52,7 @@ def data_preflight(cfg: FinetuneConfig) -> None:
     from stages.sources import load_raw
 
     if not (Path(cfg.paths.root) / "stages" / "prepare_data").is_dir():  # nothing prepared: nor is prefect imported
-        load_raw(cfg.task, cfg.paths.root)
+        load_raw(cfg.task, cfg.paths.root, hand_over=True)  # the flow's prepare_data stage reads it from here
         return
     from stages.caching import stage_dir, stage_key
     from stages.prepare_data import CODE, NAME
@@ -61,7 +61,7 @@ def data_preflight(cfg: FinetuneConfig) -> None:
     key = stage_key(NAME, {"task": cfg.task, "model": cfg.model, "paths": cfg.paths}, CODE)
     ref = Ref.load(stage_dir(cfg.paths.root, key) / "ref.json")
     if ref is None or not ref.is_valid():
-        load_raw(cfg.task, cfg.paths.root)
+        load_raw(cfg.task, cfg.paths.root, hand_over=True)
 
 
 def servers_preflight(cfg: FinetuneConfig) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.common import package_path
 from stages.refs import file_sha256
-from stages.schema import ConfigError, TaskConfig
+from stages.schema import ConfigError, TaskConfig, stable_hash
 
 SPLITS = ("train", "validation", "test")
 
@@ -171,11 +171,22 @@ LOADERS = {
 """task.loader -> how the raw DatasetDict is read."""
 
 
-def load_raw(task: TaskConfig, root: str | Path):
-    """The task's raw DatasetDict (train / validation / test), checked: columns present, labels in range."""
+_HANDED_OVER: dict[str, object] = {}
+"""What the preflight loaded, for the one prepare_data stage of this process that reads the same data (~0.7 s)."""
+
+
+def load_raw(task: TaskConfig, root: str | Path, hand_over: bool = False):
+    """The task's raw DatasetDict (train / validation / test), checked: columns present, labels in range.
+
+    hand_over=True (the preflight): the next call for the same task and root gets this very object, once."""
+    key = f"{stable_hash(task)}:{Path(root).resolve()}"
+    if (raw := _HANDED_OVER.pop(key, None)) is not None:
+        return raw
     os.environ.setdefault("HF_DATASETS_CACHE", str(Path(root) / "hf-datasets"))
     raw = LOADERS[task.loader](task, root)
     _check(raw, task)
+    if hand_over:
+        _HANDED_OVER[key] = raw
     return raw
 
 

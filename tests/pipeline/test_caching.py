@@ -97,7 +97,7 @@ def test_the_data_preflight_reads_the_raw_data_unless_prepare_data_holds_a_valid
     from flows.finetune import data_preflight
 
     loaded = []
-    monkeypatch.setattr(stages.sources, "load_raw", lambda task, root: loaded.append(task.name))
+    monkeypatch.setattr(stages.sources, "load_raw", lambda task, root, hand_over=False: loaded.append(task.name))
     cfg = compose([f"paths.root={tmp_path}"])
     data_preflight(cfg)  # nothing prepared under this root
     assert loaded == ["rt_reviews"]
@@ -115,6 +115,21 @@ def test_the_data_preflight_reads_the_raw_data_unless_prepare_data_holds_a_valid
     (out / "dataset" / "data.arrow").write_bytes(b"rowz")  # the prepared data altered: checked again
     data_preflight(cfg)
     assert loaded == ["rt_reviews"] * 3
+
+
+def test_what_the_preflight_loaded_is_read_once_by_the_next_load(tmp_path) -> None:
+    """The preflight's check and prepare_data read the same raw data in one process: loaded once, handed over once;
+    any later load reads the files again (a long-lived process sees the data as it is then)."""
+    from stages.sources import load_raw
+
+    task = compose([f"paths.root={tmp_path}"]).task
+    checked = load_raw(task, tmp_path, hand_over=True)
+    assert load_raw(task, tmp_path) is checked
+    again = load_raw(task, tmp_path)
+    assert again is not checked and again["train"].num_rows == checked["train"].num_rows
+    handed = load_raw(task, tmp_path, hand_over=True)
+    assert load_raw(dataclasses.replace(task, max_train_samples=7), tmp_path) is not handed  # another config
+    assert load_raw(task, tmp_path) is handed  # still there for its own
 
 
 def test_batch_geometry_holds_only_what_shapes_the_plan() -> None:
