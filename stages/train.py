@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import task
 
-from stages import checkpoint_store
+from stages import checkpoint_store, inference
 from stages.caching import (
     cache_key_fn,
     code_version,
@@ -245,6 +245,7 @@ def _launch(task, model, trainer, hardware, data, plan, run_dir: Path, run, ship
         start_new_session=True,  # its own process group: we can stop every rank at once
     )
     (run_dir / "launcher.pid").write_text(str(proc.pid))
+    inference.warm_up()  # what the evaluate stage imports, on CPU time the ranks leave idle
     reader = threading.Thread(target=_stream, args=(proc, logger, tail, notes), daemon=True)
     reader.start()
     try:

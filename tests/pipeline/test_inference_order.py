@@ -26,3 +26,25 @@ def test_inputs_without_a_length_keep_their_order() -> None:
     ordered, restore = by_length(rows, get_task("image_classification")(TaskSpec(family="image_classification",
                                                                                 columns={"image": "image"})))
     assert ordered["row_id"] == list(range(5)) and restore.tolist() == list(range(5))
+
+
+def test_the_warm_up_imports_at_the_lowest_priority_in_its_own_thread_only(tmp_path, monkeypatch) -> None:
+    """The train stage's warm-up must not compete with the ranks: nice 19 for its thread, not for the process."""
+    import os
+    import sys
+    import threading
+
+    from stages import inference
+
+    (tmp_path / "warm_probe.py").write_text(
+        "import os, threading\nNICE = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(inference, "WARM_MODULES", ("no_such_module_here", "warm_probe"))
+    monkeypatch.delitem(sys.modules, "warm_probe", raising=False)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = inference.warm_up()
+    thread.join(timeout=60)
+    assert sys.modules["warm_probe"].NICE == 19  # imported, after a module that is not there, at nice 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    monkeypatch.setattr(inference, "WARM_MODULES", ("warm_probe",))
+    assert inference.warm_up() is None  # all imported already: no thread
