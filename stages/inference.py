@@ -18,6 +18,7 @@ from trainer_core.spec import RunSpec
 
 def inference_trainer(model: ModelRef, data: DatasetRef, out_dir: Path) -> Any:
     """A Trainer on model.path that scores `data`; it writes its logs into out_dir, not the training run."""
+    wait_for_warm_up()
     from trainer_core.run import build_trainer
 
     spec = dataclasses.replace(
@@ -42,6 +43,17 @@ WARM_MODULES = ("trainer_core.run", "trainer_core.trainer", "transformers.modeli
 transformers.trainer_utils, evaluate, scikit-learn's metrics)."""
 
 
+_warming: threading.Thread | None = None
+"""The warm-up thread of this process, if one was started (inference_trainer waits for it)."""
+
+
+def wait_for_warm_up() -> None:
+    """Until the warm-up thread (if any) is done: no two threads import the same packages at once (a circular
+    import may then see a module half-initialised). On the CPU the ranks just freed, it costs nothing extra."""
+    if _warming is not None:
+        _warming.join()
+
+
 def warm_up() -> threading.Thread | None:
     """Import WARM_MODULES in a thread at nice 19 while the ranks start and train, so that the evaluate stage that
     follows in this process finds them imported (~2.5 s less per cold run, measured alternating on 2 cores).
@@ -61,6 +73,7 @@ def warm_up() -> threading.Thread | None:
             except Exception:  # noqa: BLE001 - a missing optional module: the stage that needs it reports it
                 continue
 
-    thread = threading.Thread(target=run, name="warm-up-imports", daemon=True)
-    thread.start()
-    return thread
+    global _warming
+    _warming = threading.Thread(target=run, name="warm-up-imports", daemon=True)
+    _warming.start()
+    return _warming

@@ -37,13 +37,15 @@ def test_the_warm_up_imports_at_the_lowest_priority_in_its_own_thread_only(tmp_p
     from stages import inference
 
     (tmp_path / "warm_probe.py").write_text(
-        "import os, threading\nNICE = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n")
+        "import os, threading, time\nNICE = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n"
+        "time.sleep(0.5)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(inference, "WARM_MODULES", ("no_such_module_here", "warm_probe"))
     monkeypatch.delitem(sys.modules, "warm_probe", raising=False)
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     thread = inference.warm_up()
-    thread.join(timeout=60)
+    inference.wait_for_warm_up()  # what scoring does first
+    assert not thread.is_alive()
     assert sys.modules["warm_probe"].NICE == 19  # imported, after a module that is not there, at nice 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
     monkeypatch.setattr(inference, "WARM_MODULES", ("warm_probe",))
