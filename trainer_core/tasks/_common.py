@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -95,11 +96,18 @@ def _metric(name: str) -> Any:
     return load_metric(name)
 
 
+_SCORING = threading.Lock()
+"""One compute at a time per process: an `evaluate` module is one object with its own state and cache file (two
+sweep trials evaluating at once in one process read each other's half-written file: ArrowInvalid)."""
+
+
 def score(names: list[str], predictions: Any, references: Any, extra: dict[str, dict] | None = None) -> dict[str, float]:
     """The named metrics (trainer_core/metrics, offline) of predictions against references."""
     results: dict[str, float] = {}
-    for name in names:
-        results.update(_metric(name).compute(predictions=predictions, references=references, **(extra or {}).get(name, {})))
+    with _SCORING:
+        for name in names:
+            results.update(_metric(name).compute(predictions=predictions, references=references,
+                                                 **(extra or {}).get(name, {})))
     return results
 
 
