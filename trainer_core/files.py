@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,10 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def write_json_atomic(path: str | Path, payload: Any, **dump_kwargs: Any) -> None:
-    """Write JSON to a temporary sibling, fsync, rename."""
+    """Write JSON to a temporary sibling (one per process and thread: sweep trials write the same files at once),
+    fsync, rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     options = {"indent": 2, "sort_keys": True, "default": str, **dump_kwargs}
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, **options)
