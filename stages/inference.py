@@ -61,8 +61,11 @@ def warm_up() -> threading.Thread | None:
     The ranks start one process at a time (the launcher, then each rank importing torch), leaving a core idle:
     that is where it runs. Its nice value yields to this process's other threads; the ranks, in their own session
     (a scheduler autogroup of their own), compete with it only as one group with another. Linux only (a thread's
-    own nice value); None elsewhere, or where this process imported them already."""
+    own nice value); None elsewhere, where this process imported them already, or while its warm-up runs."""
+    global _warming
     if sys.platform != "linux" or all(name in sys.modules for name in WARM_MODULES):
+        return None
+    if _warming is not None and _warming.is_alive():  # another flow of this process (a sweep trial) started one
         return None
 
     def run() -> None:
@@ -73,7 +76,6 @@ def warm_up() -> threading.Thread | None:
             except Exception:  # noqa: BLE001 - a missing optional module: the stage that needs it reports it
                 continue
 
-    global _warming
     _warming = threading.Thread(target=run, name="warm-up-imports", daemon=True)
     _warming.start()
     return _warming
