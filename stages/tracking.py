@@ -62,13 +62,10 @@ def ensure_store(uri: str) -> None:
 
     database = Path(uri.removeprefix("sqlite:///"))
     with key_lock(database, log, "mlflow"):  # flows started together: one creates it
-        if database.exists():
-            client(uri).search_experiments(max_results=1)
-            return
-        template = db_template.path("mlflow", installed_version("mlflow"))
-        seeded = db_template.seed(database, template)
-        client(uri).search_experiments(max_results=1)  # migrates, or opens the copy (MLflow adds Default to it)
-        if not seeded:
+        template = None if database.exists() else db_template.path("mlflow", installed_version("mlflow"))
+        seeded = template is not None and db_template.seed(database, template)
+        client(uri).search_experiments(max_results=1)  # migrates a new store, or opens it (a copy: MLflow adds Default)
+        if template is not None and not seeded:
             db_template.save(database, template, _empty_store)
 
 

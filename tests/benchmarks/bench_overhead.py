@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,10 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.pipeline.helpers import PrefectServer  # noqa: E402 - the repo first on sys.path
+
 PHASES = [  # (name, log line where it starts, log line where it ends)
     ("API answers -> flow begins", "Temporary Prefect API on", "Beginning flow run"),
     ("prepare_data", "prepare_data: cache miss", "rows tokenized into"),
@@ -74,31 +77,6 @@ def run(checkout: Path, root: Path, overrides: list[str], env: dict[str, str], l
     return {"wall": wall, "loop": loop, "phases": _phases(log)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0"}
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([str(REPO / ".venv" / "bin" / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    sys.path.insert(0, str(REPO))
-    from stages.health import probe
-
-    deadline = time.monotonic() + 120
-    while probe(url) is not None:
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            sys.exit(f"prefect server on {url} did not answer")
-        time.sleep(0.5)
-    return server, url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", type=Path, help="another checkout with its own .venv (e.g. a git worktree)")
@@ -122,16 +100,13 @@ def main() -> None:
                 results[side]["cached"].append(run(sides[side], work / f"{side}-0", args.overrides, env, work,
                                                    f"{side}-cached-{i}"))
         if args.server:
-            server, url = start_server(work / "server-home")
-            try:
+            (work / "server-home").mkdir()
+            with PrefectServer(work / "server-home") as server:
                 for i in range(args.server):
                     for side in order:
                         results[side]["server"].append(run(sides[side], work / f"{side}-0", args.overrides,
-                                                           {**env, "PREFECT_API_URL": url}, work,
+                                                           {**env, "PREFECT_API_URL": server.url}, work,
                                                            f"{side}-server-{i}"))
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
     finally:
         print(f"logs: {work}")
     report(results, order, sides)
