@@ -123,7 +123,8 @@ def configure(root: str | Path, results: str | None = None) -> None:
         os.environ.setdefault(key, value)
     # Prefect's own settings win over a user's profile for these two: our cache lives under paths.root.
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
-    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock", "mlflow.store.db.utils"):
+    # (mlflow.pyfunc: "Validating input example against model signature" at each register)
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "filelock", "mlflow.store.db.utils", "mlflow.pyfunc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

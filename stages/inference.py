@@ -17,13 +17,15 @@ from trainer_core.spec import RunSpec
 
 
 def inference_trainer(model: ModelRef, data: DatasetRef, out_dir: Path) -> Any:
-    """A Trainer on model.path that scores `data`; it writes its logs into out_dir, not the training run."""
+    """A Trainer on model.path that scores `data`; it writes its logs into out_dir, not the training run. Its
+    logger says warnings only: the stage logs its own one-line result through Prefect's logger."""
     wait_for_warm_up()
     from trainer_core.run import build_trainer
 
+    trained = RunSpec.load(model.spec_path)
     spec = dataclasses.replace(
-        RunSpec.load(model.spec_path), dataset_dir=data.dataset_dir, tokenizer_dir=data.tokenizer_dir,
-        output_dir=str(out_dir),
+        trained, args=dataclasses.replace(trained.args, log_level="warning"), dataset_dir=data.dataset_dir,
+        tokenizer_dir=data.tokenizer_dir, output_dir=str(out_dir),
     )
     return build_trainer(spec, model_dir=model.path, with_train=False)
 

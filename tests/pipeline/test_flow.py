@@ -8,6 +8,7 @@ a fresh process loads by alias.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from tests.pipeline.helpers import FAST, report
 
 pytestmark = pytest.mark.integration
 STAGES = ["prepare_data", "batch_plan", "train", "evaluate", "predict", "register"]
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ +\| ")  # Prefect's format
+SUMMARY = ("MLflow run:", "Registered model:", "Load it with:", "Stages:", "Final metrics:", "  ", "Took ")
 
 
 def _ok(done: subprocess.CompletedProcess) -> None:
@@ -52,6 +55,9 @@ def test_first_run_trains_evaluates_predicts_and_registers(first) -> None:
     # the ranks' log lines reached the Prefect logger
     assert "Task run 'train-" in output and "step 24:" in output
     assert "MLflow run:" in output and rep["model_name"] in output
+    # one log line per event, all through Prefect's logger: no library's own lines, no second copy of a result
+    stray = [line for line in output.splitlines() if line and not LOG_LINE.match(line) and not line.startswith(SUMMARY)]
+    assert stray == []
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     run = client.get_run(rep["mlflow_run_id"])
