@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,17 @@ def test_cpu_ddp_uses_the_launcher_that_really_starts_two_ranks(tmp_path: Path) 
     assert config["distributed_type"] == "MULTI_GPU" and config["num_processes"] == 2
     _, env = launch_command(cfg.hardware, tmp_path / "a.yaml", ["-m", "trainer_core.run"])
     assert env["ACCELERATE_USE_CPU"] == "true" and int(env["OMP_NUM_THREADS"]) >= 1
+
+
+def test_the_launch_is_accelerates_launch_command_run_by_this_interpreter(tmp_path: Path) -> None:
+    from accelerate.commands.launch import launch_command_parser
+
+    cfg = compose(["hardware=ddp_2cpu"])
+    cmd, _ = launch_command(cfg.hardware, tmp_path / "a.yaml", ["-m", "trainer_core.run", "--spec", "s.json"])
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]  # not the `accelerate` entry point
+    args = launch_command_parser().parse_args(cmd[3:])  # what `accelerate launch` parses
+    assert args.config_file == str(tmp_path / "a.yaml")
+    assert args.module and args.training_script == "trainer_core.run" and args.training_script_args == ["--spec", "s.json"]
 
 
 def test_variants_list_only_what_differs_from_their_base() -> None:

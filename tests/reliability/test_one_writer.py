@@ -80,7 +80,7 @@ def test_four_identical_flows_at_once_train_once_and_register_one_version(tmp_pa
                               stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [proc.communicate(timeout=900)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0, 0], "\n\n".join(o[-2000:] for o in outputs)
-    launched = [o for o in outputs if "accelerate launch --config_file" in o]
+    launched = [o for o in outputs if "accelerate.commands.launch --config_file" in o]
     assert len(launched) == 1, "exactly one trainer ran"
     assert sum(o.count("register: created") for o in outputs) == 1
     assert sum(o.count("prepare_data: {'train': 128") for o in outputs) == 1
