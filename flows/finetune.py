@@ -17,6 +17,7 @@ registered model version and its aliases, and the final metrics; the same report
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import signal
 import sys
@@ -27,6 +28,10 @@ from flows.config import compose, hand_over
 from flows.temporary_api import TemporaryAPI
 from stages.schema import ConfigError, FinetuneConfig
 from trainer_core.files import write_json_atomic
+
+PREPARE_IMPORTS = "transformers.models.auto.tokenization_auto"
+"""What the prepare_data stage imports first (transformers and torch, ~2 s on 2 cores): a first run imports it
+while the temporary API boots on the other core and this process would otherwise wait."""
 
 
 def preflight(cfg: FinetuneConfig) -> None:
@@ -187,13 +192,15 @@ def reproduce(overrides: list[str]) -> int:
 def start_prefect_api(cfg: FinetuneConfig, api: TemporaryAPI | None = None) -> None:
     """Where no PREFECT_API_URL is set, start the temporary Prefect API (flows/temporary_api.py; `api`: started
     already) and, while it boots, import the flow's modules (prefect among them: only now that its environment is
-    set) and open the MLflow store; return once the API answers (RuntimeError if it does not)."""
+    set), open the MLflow store and, where the prepare_data stage will run, import its tokenizer's modules; return
+    once the API answers (RuntimeError if it does not)."""
     api = api or TemporaryAPI.start()
     if api is None:
         return
     from prefect.logging import get_logger
 
     import flows.pipeline  # noqa: F401
+    from stages.sources import handed_over
     from stages.tracking import ensure_store, tracking_uri
 
     get_logger().info("Temporary Prefect API on %s (no PREFECT_API_URL set; it stops with this run)", api.url)
@@ -201,6 +208,8 @@ def start_prefect_api(cfg: FinetuneConfig, api: TemporaryAPI | None = None) -> N
         ensure_store(tracking_uri(cfg))
     except Exception:  # noqa: BLE001 - the flow opens the store again and reports what fails there
         pass
+    if handed_over(cfg.task, cfg.paths.root):  # the prepare_data stage will run: its tokenizer's imports (~2 s)
+        importlib.import_module(PREPARE_IMPORTS)
     api.wait()
 
 

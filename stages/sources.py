@@ -175,11 +175,20 @@ _HANDED_OVER: dict[str, object] = {}
 """What the preflight loaded, for the one prepare_data stage of this process that reads the same data (~0.7 s)."""
 
 
+def _hand_over_key(task: TaskConfig, root: str | Path) -> str:
+    return f"{stable_hash(task)}:{Path(root).resolve()}"
+
+
+def handed_over(task: TaskConfig, root: str | Path) -> bool:
+    """Whether the preflight loaded this task's data for a prepare_data stage of this process (it will run)."""
+    return _hand_over_key(task, root) in _HANDED_OVER
+
+
 def load_raw(task: TaskConfig, root: str | Path, hand_over: bool = False):
     """The task's raw DatasetDict (train / validation / test), checked: columns present, labels in range.
 
     hand_over=True (the preflight): the next call for the same task and root gets this very object, once."""
-    key = f"{stable_hash(task)}:{Path(root).resolve()}"
+    key = _hand_over_key(task, root)
     if (raw := _HANDED_OVER.pop(key, None)) is not None:
         return raw
     os.environ.setdefault("HF_DATASETS_CACHE", str(Path(root) / "hf-datasets"))

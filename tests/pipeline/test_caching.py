@@ -120,11 +120,15 @@ def test_the_data_preflight_reads_the_raw_data_unless_prepare_data_holds_a_valid
 def test_what_the_preflight_loaded_is_read_once_by_the_next_load(tmp_path) -> None:
     """The preflight's check and prepare_data read the same raw data in one process: loaded once, handed over once;
     any later load reads the files again (a long-lived process sees the data as it is then)."""
-    from stages.sources import load_raw
+    from stages.sources import handed_over, load_raw
 
     task = compose([f"paths.root={tmp_path}"]).task
+    assert not handed_over(task, tmp_path)
     checked = load_raw(task, tmp_path, hand_over=True)
+    # the flow's CLI imports the tokenizer's modules while its API boots only where the stage will read this
+    assert handed_over(task, tmp_path) and not handed_over(dataclasses.replace(task, max_train_samples=7), tmp_path)
     assert load_raw(task, tmp_path) is checked
+    assert not handed_over(task, tmp_path)  # taken
     again = load_raw(task, tmp_path)
     assert again is not checked and again["train"].num_rows == checked["train"].num_rows
     handed = load_raw(task, tmp_path, hand_over=True)
