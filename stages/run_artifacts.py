@@ -108,24 +108,26 @@ def write_classification_report(rows: list[dict[str, Any]], label_names: list[st
 
 
 def _plot(matrix: list[list[int]], names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display
-    import matplotlib.pyplot as plt
+    # A Figure of its own on the Agg canvas, not pyplot: no display, and no global figure state shared by the
+    # flows of one process (a served sweep runs its trials in threads)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     size = max(3.0, 0.5 * len(names) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
     axes.imshow(matrix, cmap="Blues")
-    axes.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
-             xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
-    plt.setp(axes.get_xticklabels(), rotation=45, ha="right")
+    axes.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
+             title="Confusion matrix (test)")
+    axes.set_xticklabels(names, rotation=45, ha="right")
+    axes.set_yticklabels(names)
     if len(names) <= 20:
         for t, row in enumerate(matrix):
             for p, count in enumerate(row):
                 axes.text(p, t, str(count), ha="center", va="center", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def log_classification_report(run: RunInfo, predictions_path: str | Path, label_names: list[str]) -> bool:

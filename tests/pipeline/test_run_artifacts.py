@@ -122,3 +122,21 @@ def test_a_lost_race_to_log_the_same_datasets_is_retried_and_other_errors_are_no
     with pytest.raises(MlflowException, match="run not found"):
         log_datasets(run, data, task)
     assert len(calls) == 1
+
+
+def test_the_confusion_matrix_is_a_whole_png_sized_for_its_classes_also_from_threads(tmp_path) -> None:
+    """Served sweep trials run in threads of one process: each renders its own figure (no pyplot state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    rows = [{"label_id": p, "true_label": t} for t, p in [(0, 0), (0, 1), (1, 1), (2, 2), (2, 0)]]
+
+    def render(i: int):
+        assert write_classification_report(rows, ["a", "b", "c"], tmp_path / f"r{i}")
+        with Image.open(tmp_path / f"r{i}" / "confusion_matrix.png") as image:
+            return image.format, image.size
+
+    with ThreadPoolExecutor(6) as pool:
+        shapes = list(pool.map(render, range(12)))
+    assert shapes == [("PNG", (350, 350))] * 12  # max(3, 0.5 * 3 + 2) inches at 100 dpi, every one whole
