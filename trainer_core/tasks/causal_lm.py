@@ -255,7 +255,7 @@ class CausalLM(TaskFamily):
 
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         records = self.postprocess(predictions, dataset)
-        example_ids = dataset["example_id"]
+        example_ids = dataset["example_id"][:]  # whole column: see text_classification
         for i in range(len(records["tokens"])):
             row = {"row_id": i, "example_id": example_ids[i], "tokens": int(records["tokens"][i]),
                    "loss": round(float(records["loss"][i]), 6), "perplexity": round(float(records["perplexity"][i]), 4)}

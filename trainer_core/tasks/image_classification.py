@@ -223,8 +223,8 @@ class ImageClassification(TaskFamily):
 
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         decoded = self.postprocess(predictions)
-        example_ids = dataset["example_id"]
-        truth = dataset["labels"] if scored and "labels" in dataset.column_names else None
+        example_ids = dataset["example_id"][:]  # whole columns: see text_classification
+        truth = dataset["labels"][:] if scored and "labels" in dataset.column_names else None
         for i, label_id in enumerate(decoded["prediction"].tolist()):
             row = {"row_id": example_ids[i], "label": self.label_name(label_id), "label_id": label_id,
                    "score": round(float(decoded["score"][i]), 6)}

@@ -197,7 +197,7 @@ class MaskedLM(TaskFamily):
 
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         records = self.postprocess(predictions, dataset)
-        example_ids = dataset["example_id"]
+        example_ids = dataset["example_id"][:]  # whole column: see text_classification
         for i in range(len(records["tokens"])):
             yield {"row_id": i, "example_id": example_ids[i], "masked_tokens": int(records["tokens"][i]),
                    "loss": round(float(records["loss"][i]), 6), "accuracy": round(float(records["accuracy"][i]), 6)}

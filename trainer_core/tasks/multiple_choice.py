@@ -210,9 +210,9 @@ class MultipleChoice(TaskFamily):
 
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         decoded = self.postprocess(predictions)
-        columns = {c: dataset[c] for c in self.input_columns()}
-        example_ids = dataset["example_id"]
-        truth = dataset["labels"] if scored else None
+        columns = {c: dataset[c][:] for c in self.input_columns()}  # whole columns: see text_classification
+        example_ids = dataset["example_id"][:]
+        truth = dataset["labels"][:] if scored else None
         for i, chosen in enumerate(decoded["prediction"].tolist()):
             row = {"row_id": example_ids[i], **{c: values[i] for c, values in columns.items()}}
             row.update(label=chosen, score=round(float(decoded["score"][i]), 6),

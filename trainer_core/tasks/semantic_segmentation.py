@@ -282,7 +282,7 @@ class SemanticSegmentation(TaskFamily):
 
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         decoded = self.postprocess(predictions)
-        example_ids = dataset["example_id"]
+        example_ids = dataset["example_id"][:]  # whole column: see text_classification
         truth = dataset["labels"] if scored and "labels" in dataset.column_names else None
         collate = SegmentationCollator(None, self.options)
         for i, mask in enumerate(decoded["mask"]):

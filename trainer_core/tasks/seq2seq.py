@@ -423,7 +423,7 @@ class Seq2Seq(TaskFamily):
 
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         decoded = self.postprocess(predictions, dataset)
-        example_ids = dataset["example_id"]
+        example_ids = dataset["example_id"][:]  # whole column: see text_classification
         if self.translation:
             pairs = dataset[self.column("translation")]
             sources = [p[self.options.source_lang] for p in pairs]

@@ -101,9 +101,10 @@ class TextClassification(TaskFamily):
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         decoded = self.postprocess(predictions)
         names = self.spec.label_names
-        columns = {c: dataset[c] for c in self.text_columns()}
-        example_ids = dataset["example_id"]
-        truth = dataset["labels"] if scored else None
+        # whole columns ([:]): a datasets Column read item by item selects the column again for each row
+        columns = {c: dataset[c][:] for c in self.text_columns()}
+        example_ids = dataset["example_id"][:]
+        truth = dataset["labels"][:] if scored else None
         for i, label_id in enumerate(decoded["prediction"].tolist()):
             row = {"row_id": example_ids[i], **{c: values[i] for c, values in columns.items()}}
             row["label"] = names[label_id] if names and isinstance(label_id, int) else label_id

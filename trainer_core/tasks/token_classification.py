@@ -144,12 +144,13 @@ class TokenClassification(TaskFamily):
     def prediction_rows(self, predictions: dict[str, np.ndarray], dataset: Any, scored: bool) -> Iterator[dict]:
         decoded = self.postprocess(predictions)
         words_column, names = self.column("tokens"), self.tag_names()
-        for i, (words, word_ids) in enumerate(zip(dataset[words_column], dataset["word_ids"], strict=True)):
+        example_ids = dataset["example_id"][:]  # whole columns: see text_classification
+        truth = dataset["labels"][:] if scored and "labels" in dataset.column_names else None
+        for i, (words, word_ids) in enumerate(zip(dataset[words_column][:], dataset["word_ids"][:], strict=True)):
             tags = _word_tags(word_ids, decoded["prediction"][i], len(words), names)
-            row = {"row_id": dataset["example_id"][i], words_column: words, "tags": tags,
-                   "entities": self._entities(words, tags)}
-            if scored and "labels" in dataset.column_names:
-                row["true_tags"] = _word_tags(word_ids, dataset["labels"][i], len(words), names, labels=True)
+            row = {"row_id": example_ids[i], words_column: words, "tags": tags, "entities": self._entities(words, tags)}
+            if truth is not None:
+                row["true_tags"] = _word_tags(word_ids, truth[i], len(words), names, labels=True)
             yield row
 
     def _entities(self, words: list[str], tags: list[str | None]) -> list[dict[str, Any]]:
