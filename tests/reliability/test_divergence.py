@@ -80,7 +80,7 @@ def test_a_diverging_flow_fails_in_train_and_registers_nothing(run_cli, tmp_path
     assert "training diverged:" in errors[0] and "at step " in errors[0]
     assert "trainer.learning_rate" in errors[0] and "trainer.max_grad_norm" in errors[0]
     # launched once: a retry would only diverge again
-    assert output.count("train: cache miss") == 1 and output.count("accelerate launch --config_file") == 1
+    assert output.count("train: cache miss") == 1 and output.count("accelerate.commands.launch --config_file") == 1
     assert "Task run 'register" not in output
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     assert client.search_model_versions("") == []
