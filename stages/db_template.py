@@ -33,7 +33,9 @@ def seed(database: Path, template: Path) -> bool:
     if not template.is_file():
         return False
     try:
-        with contextlib.closing(sqlite3.connect(f"{template.as_uri()}?mode=ro", uri=True)) as con:
+        # immutable: a template is replaced whole, never written in place; a read-only open of a WAL database
+        # (Prefect's) would otherwise leave -wal and -shm files beside it in the cache
+        with contextlib.closing(sqlite3.connect(f"{template.as_uri()}?mode=ro&immutable=1", uri=True)) as con:
             con.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error:
         template.unlink(missing_ok=True)

@@ -44,3 +44,20 @@ def test_a_bad_template_is_replaced_and_the_store_migrates(tmp_path, monkeypatch
     ensure_store(f"sqlite:///{database}")
     assert client(f"sqlite:///{database}").get_experiment("0").name == "Default"
     assert _rows(template, "SELECT count(*) FROM experiments") == [(0,)]  # saved again, from the migrated store
+
+
+def test_checking_a_wal_template_leaves_nothing_beside_it(tmp_path):
+    """Prefect's database (so its template) is in WAL mode: checking it before the copy writes no -wal / -shm."""
+    template = tmp_path / "cache" / "prefect-x.db"
+    template.parent.mkdir()
+    con = sqlite3.connect(template)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE flow_run (id TEXT)")
+    con.commit()
+    con.close()  # the last connection checkpoints and removes its -wal / -shm
+    assert sorted(p.name for p in template.parent.iterdir()) == ["prefect-x.db"]
+    database = tmp_path / "root" / "prefect.db"
+    database.parent.mkdir()
+    assert db_template.seed(database, template)
+    assert sorted(p.name for p in template.parent.iterdir()) == ["prefect-x.db"]
+    assert _rows(database, "SELECT count(*) FROM flow_run") == [(0,)]
