@@ -29,10 +29,6 @@ from flows.temporary_api import TemporaryAPI
 from stages.schema import ConfigError, FinetuneConfig
 from trainer_core.files import write_json_atomic
 
-PREPARE_IMPORTS = "transformers.models.auto.tokenization_auto"
-"""What the prepare_data stage imports first (transformers and torch, ~2 s on 2 cores): a first run imports it
-while the temporary API boots on the other core and this process would otherwise wait."""
-
 
 def preflight(cfg: FinetuneConfig) -> None:
     """Checks that need more than the config itself: the servers, the model's files, the hardware, the data."""
@@ -201,6 +197,7 @@ def start_prefect_api(cfg: FinetuneConfig, api: TemporaryAPI | None = None) -> N
 
     import flows.pipeline  # noqa: F401
     from stages.sources import handed_over
+    from stages.tokenizers import IMPORTS as tokenizer_imports
     from stages.tracking import ensure_store, tracking_uri
 
     get_logger().info("Temporary Prefect API on %s (no PREFECT_API_URL set; it stops with this run)", api.url)
@@ -209,7 +206,7 @@ def start_prefect_api(cfg: FinetuneConfig, api: TemporaryAPI | None = None) -> N
     except Exception:  # noqa: BLE001 - the flow opens the store again and reports what fails there
         pass
     if handed_over(cfg.task, cfg.paths.root):  # the prepare_data stage will run: its tokenizer's imports (~2 s)
-        importlib.import_module(PREPARE_IMPORTS)
+        importlib.import_module(tokenizer_imports)
     api.wait()
 
 

@@ -108,14 +108,12 @@ def write_classification_report(rows: list[dict[str, Any]], label_names: list[st
 
 
 def _plot(matrix: list[list[int]], names: list[str], path: Path) -> None:
-    # A Figure of its own on the Agg canvas, not pyplot: no display, and no global figure state shared by the
-    # flows of one process (a served sweep runs its trials in threads)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # A Figure of its own, not pyplot: no display, and no global figure state shared by the flows of one process
+    # (a served sweep runs its trials in threads); savefig renders a .png with Agg
     from matplotlib.figure import Figure
 
     size = max(3.0, 0.5 * len(names) + 2)
     figure = Figure(figsize=(size, size))
-    FigureCanvasAgg(figure)
     axes = figure.subplots()
     axes.imshow(matrix, cmap="Blues")
     axes.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",

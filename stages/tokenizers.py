@@ -111,6 +111,10 @@ def train_bpe(texts: list[str], vocab_size: int):
     )
 
 
+IMPORTS = "transformers.models.auto.tokenization_auto"
+"""What build_tokenizer imports first (transformers and torch, ~2 s on 2 cores): the command line imports it while
+the temporary API boots on the other core, where the prepare_data stage will run (flows/finetune.py)."""
+
 KINDS = ("pretrained", "wordpiece", "bpe", "seq2seq", "image_processor")
 """model.tokenizer values: from the weights' folder, or built here for random-init models."""
 
