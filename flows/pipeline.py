@@ -27,7 +27,7 @@ from stages.prepare_data import prepare_data
 from stages.register import register
 from stages.run_artifacts import log_classification_report, log_datasets
 from stages.tracking import client, end_run, log_metrics, open_run, tracking_uri
-from stages.train import should_retry, train
+from stages.train import concurrency_tags, should_retry, train
 
 
 def _run(stage, *args: Any, report: dict[str, str], storage: Any, seconds: dict[str, float] | None = None,
@@ -74,7 +74,8 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
         log_datasets(run, data, cfg.task)
         plan = timed(batch_plan, data, BatchGeometry.of(cfg.trainer, cfg.hardware), cfg.paths)
         trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds,
-                                     retry_condition_fn=should_retry)  # a divergence would only diverge again
+                                     retry_condition_fn=should_retry,  # a divergence would only diverge again
+                                     tags=concurrency_tags())
         model = timed(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, peft=cfg.peft)
         metrics = timed(evaluate, model, data, cfg.paths)
         predictions = timed(predict, model, data, cfg.task.test_has_labels, cfg.paths)

@@ -41,7 +41,8 @@ SHIP_EVERY_SECONDS = 5.0
 STOP_GRACE_SECONDS = 60.0
 """A cancelled flow gives its ranks this long to checkpoint the step they are at before it SIGKILLs them."""
 CONCURRENCY_TAG = "finetune-train"
-"""Tag of every train task run: `prefect concurrency-limit create finetune-train 1` caps trainings per server."""
+"""Tag of the train task runs where the server holds its limit: `prefect concurrency-limit create finetune-train 1`
+caps trainings per server (see `concurrency_tags`)."""
 
 
 class TrainingFailed(RuntimeError):
@@ -151,10 +152,26 @@ def _stream(proc: subprocess.Popen, logger, tail: deque, notes: dict[str, str]) 
                     notes.setdefault(marker, line[line.index(marker):])
 
 
-@task(
-    name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json",
-    tags=[CONCURRENCY_TAG],
-)
+def concurrency_tags(tag: str = CONCURRENCY_TAG) -> list[str]:
+    """The train task's tags for a flow run: [tag] where the Prefect server holds a concurrency limit
+    for it, else none (nothing would be capped). One read (~10 ms) saves ~2 s per train stage, cached or not: for
+    each tag of a task run, Prefect's task engine asks the server for a lease, and on a SQLite server (Prefect's
+    default, and the command line's temporary API) that request reads and then writes in one deferred transaction,
+    which loses to the task run's own events the server records at the same moment ("database is locked" → 503 →
+    the client retries 2 s later; Prefect 3.8.8 and 3.9.1). A limit created later caps the train stages that start
+    after it, as Prefect's own limits do."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag(tag)
+        except ObjectNotFound:
+            return []
+    return [tag]
+
+
+@task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
 def train(
     task: TaskConfig,
     model: ModelConfig,

@@ -122,10 +122,37 @@ def test_identical_rerun_is_served_from_cache(run_cli, first) -> None:
     assert elapsed < 0.7 * first_seconds, (elapsed, first_seconds)
 
 
+def test_the_train_task_is_tagged_where_the_server_caps_trainings(prefect_server) -> None:
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from stages.train import concurrency_tags
+
+    tag = f"finetune-train-{time.time_ns()}"  # this test's own: the server is shared
+    with temporary_settings({PREFECT_API_URL: prefect_server.url}):
+        assert concurrency_tags(tag) == []
+        created = httpx.post(f"{prefect_server.url}/concurrency_limits/", json={"tag": tag, "concurrency_limit": 1})
+        created.raise_for_status()
+        try:
+            assert concurrency_tags(tag) == [tag]
+        finally:
+            httpx.delete(f"{prefect_server.url}/concurrency_limits/tag/{tag}").raise_for_status()
+        assert concurrency_tags(tag) == []
+
+
 def test_changing_only_the_learning_rate_reuses_the_data_stages(run_cli, first, prefect_server) -> None:
+    import httpx
+
     root, rep, _, _ = first
+    # another test may have set the train limit on this server
+    capped = httpx.get(f"{prefect_server.url}/concurrency_limits/tag/finetune-train").status_code == 200
     done = run_cli([*FAST, "trainer.learning_rate=2e-3", f"paths.root={root}"], env={"PREFECT_API_URL": prefect_server.url})
     _ok(done)
+    # no limit, no tag: Prefect asks the server for no lease for this train task run (on SQLite that request can
+    # lose to the task run's own events and cost a 2 s retry); with the limit, the tag and the lease
+    newest = httpx.post(f"{prefect_server.url}/task_runs/filter", json={
+        "task_runs": {"name": {"like_": "train-"}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 1}).json()
+    assert ("finetune-train" in newest[0]["tags"]) == capped, newest[0]["tags"]
     changed = report(root)
     assert changed["stages"] == {
         "prepare_data": "cached", "batch_plan": "cached",
