@@ -153,13 +153,14 @@ def _stream(proc: subprocess.Popen, logger, tail: deque, notes: dict[str, str]) 
 
 
 def concurrency_tags(tag: str = CONCURRENCY_TAG) -> list[str]:
-    """The train task's tags for a flow run: [tag] where the Prefect server holds a concurrency limit
-    for it, else none (nothing would be capped). One read (~10 ms) spares the train stage, cached or not, a 2 s
-    stall that hit a quarter of the runs measured (BENCHMARKS.md): for each tag of a task run, Prefect's task engine asks the server for a lease, and on a SQLite server (Prefect's
-    default, and the command line's temporary API) that request reads and then writes in one deferred transaction,
-    which loses to the task run's own events the server records at the same moment ("database is locked" → 503 →
-    the client retries 2 s later; Prefect 3.8.8 and 3.9.1). The flow reads it once, before its train stage: a limit
-    created later caps the train stages of the flow runs that start after it."""
+    """The train task's tags for a flow run: [tag] where the Prefect server holds a concurrency limit for it, else
+    none (nothing would be capped). One read (~10 ms) spares the train stage, cached or not, a 2 s stall that hit a
+    quarter of the runs measured (BENCHMARKS.md): for each tag of a task run, Prefect's task engine asks the server
+    for a lease, and on a SQLite server (Prefect's default, and the command line's temporary API) that request reads
+    and then writes in one deferred transaction, which loses to the task run's own events the server records at the
+    same moment ("database is locked" → 503 → the client retries 2 s later; Prefect 3.8.8 and 3.9.1). The flow
+    reads it once, before its train stage: a limit created later caps the train stages of the flow runs that start
+    after it."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
