@@ -41,7 +41,7 @@ def quick_preflight(cfg: FinetuneConfig) -> None:
     from stages.launch import preflight as hardware_preflight
 
     servers_preflight(cfg)
-    hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision)
+    hardware_preflight(cfg.hardware, cfg.trainer.mixed_precision, cfg.trainer.bf16_full_eval)
     family_preflight(cfg)
     peft_preflight(cfg)
 

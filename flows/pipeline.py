@@ -9,6 +9,7 @@ The parameters are Hydra overrides, so a scheduled deployment run is exactly the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -76,9 +77,12 @@ def finetune(overrides: list[str] | None = None, parent_run_id: str | None = Non
         trainer = train.with_options(retries=cfg.stages.train_retries, retry_delay_seconds=cfg.stages.retry_delay_seconds,
                                      retry_condition_fn=should_retry,  # a divergence would only diverge again
                                      tags=concurrency_tags())
-        model = timed(trainer, cfg.task, cfg.model, cfg.trainer, cfg.hardware, data, plan, cfg.paths, run, peft=cfg.peft)
-        metrics = timed(evaluate, model, data, cfg.paths)
-        predictions = timed(predict, model, data, cfg.task.test_has_labels, cfg.paths)
+        # bf16_full_eval is the scoring stages' alone: off for the train stage, so its key (and cache) ignores it
+        training = dataclasses.replace(cfg.trainer, bf16_full_eval=False)
+        model = timed(trainer, cfg.task, cfg.model, training, cfg.hardware, data, plan, cfg.paths, run, peft=cfg.peft)
+        full_eval = cfg.trainer.bf16_full_eval
+        metrics = timed(evaluate, model, data, cfg.paths, full_eval)
+        predictions = timed(predict, model, data, cfg.task.test_has_labels, cfg.paths, full_eval)
         final = {f"validation_{k}": v for k, v in metrics.metrics.items()}
         final.update({f"test_{k}": v for k, v in predictions.metrics.items()})
         log_metrics(run, final, step=model.global_step)

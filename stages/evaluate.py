@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from stages.caching import begin_stage, cache_key_fn, single_writer, stage_logger
-from stages.inference import by_length, inference_trainer
+from stages.inference import BF16_NOTE, by_length, inference_trainer
 from stages.refs import DatasetRef, MetricsRef, ModelRef, file_sha256, write_json_atomic
 from stages.schema import PathsConfig
 
@@ -16,13 +16,13 @@ SPLIT = "validation"
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
 @single_writer(NAME, CODE)
-def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig) -> MetricsRef:
+def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig, bf16_full_eval: bool = False) -> MetricsRef:
     """Loss and task metrics of `model` on the validation split of `data` (and on each extra validation split,
-    as <name>_<metric>)."""
+    as <name>_<metric>); with bf16_full_eval, in bf16 weights."""
     import datasets
 
-    out = begin_stage(NAME, {"model": model, "data": data, "paths": paths}, CODE)
-    trainer = inference_trainer(model, data, out)
+    out = begin_stage(NAME, {"model": model, "data": data, "paths": paths, "bf16_full_eval": bf16_full_eval}, CODE)
+    trainer = inference_trainer(model, data, out, bf16_full_eval)
     splits = datasets.load_from_disk(data.dataset_dir)
     metrics: dict[str, float] = {}
     try:
@@ -44,6 +44,6 @@ def evaluate(model: ModelRef, data: DatasetRef, paths: PathsConfig) -> MetricsRe
         fingerprint=file_sha256(out / "metrics.json"),
     )
     ref.save(out / "ref.json")
-    stage_logger().info("evaluate: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    stage_logger().info("evaluate: %s%s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), BF16_NOTE[bf16_full_eval])
     return ref
 

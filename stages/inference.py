@@ -16,18 +16,26 @@ from stages.refs import DatasetRef, ModelRef
 from trainer_core.spec import RunSpec
 
 
-def inference_trainer(model: ModelRef, data: DatasetRef, out_dir: Path) -> Any:
+def inference_trainer(model: ModelRef, data: DatasetRef, out_dir: Path, bf16_full_eval: bool = False) -> Any:
     """A Trainer on model.path that scores `data`; it writes its logs into out_dir, not the training run. Its
-    logger says warnings only: the stage logs its own one-line result through Prefect's logger."""
+    logger says warnings only: the stage logs its own one-line result through Prefect's logger.
+
+    bf16_full_eval is this stage's (trainer.bf16_full_eval of the flow run), not the training run's: the flow trains
+    with it off (the weights do not depend on it), so turning it on re-scores a cached model."""
     wait_for_warm_up()
     from trainer_core.run import build_trainer
 
     trained = RunSpec.load(model.spec_path)
     spec = dataclasses.replace(
-        trained, args=dataclasses.replace(trained.args, log_level="warning"), dataset_dir=data.dataset_dir,
+        trained, args=dataclasses.replace(trained.args, log_level="warning", bf16_full_eval=bf16_full_eval),
+        dataset_dir=data.dataset_dir,
         tokenizer_dir=data.tokenizer_dir, output_dir=str(out_dir),
     )
     return build_trainer(spec, model_dir=model.path, with_train=False)
+
+
+BF16_NOTE = {False: "", True: " (weights in bf16: trainer.bf16_full_eval)"}
+"""What the stage's one-line result adds when it scored in bf16 weights."""
 
 
 def by_length(dataset: Any, family: Any) -> tuple[Any, np.ndarray]:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from stages.schema import ConfigError, HardwareConfig
-from trainer_core.precision import precision_problem
+from trainer_core.precision import full_eval_problem, precision_problem
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ def accelerate_config(hardware: HardwareConfig, mixed_precision: str = "no") -> 
     return config
 
 
-def preflight(hardware: HardwareConfig, mixed_precision: str = "no") -> None:
+def preflight(hardware: HardwareConfig, mixed_precision: str = "no", bf16_full_eval: bool = False) -> None:
     """Refuse hardware this machine cannot provide, before anything expensive starts."""
     errors: list[str] = []
     if hardware.use_cpu and mixed_precision == "fp16":
@@ -88,6 +88,8 @@ def preflight(hardware: HardwareConfig, mixed_precision: str = "no") -> None:
                 f"Use hardware=cpu or hardware=ddp_2cpu here."
             )
         elif problem := precision_problem(mixed_precision):  # the GPUs are there: can they run this precision?
+            errors.append(f"hardware={hardware.name}: {problem}")
+        if problem := full_eval_problem(bf16_full_eval):
             errors.append(f"hardware={hardware.name}: {problem}")
     if hardware.distributed_type == "DEEPSPEED":
         import importlib.util

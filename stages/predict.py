@@ -10,7 +10,7 @@ import json
 from prefect import task
 
 from stages.caching import begin_stage, cache_key_fn, single_writer, stage_logger
-from stages.inference import by_length, inference_trainer
+from stages.inference import BF16_NOTE, by_length, inference_trainer
 from stages.refs import DatasetRef, ModelRef, PredictionsRef, file_sha256
 from stages.schema import PathsConfig
 
@@ -21,14 +21,16 @@ SPLIT = "test"
 
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
 @single_writer(NAME, CODE)
-def predict(model: ModelRef, data: DatasetRef, scored: bool, paths: PathsConfig) -> PredictionsRef:
+def predict(model: ModelRef, data: DatasetRef, scored: bool, paths: PathsConfig,
+            bf16_full_eval: bool = False) -> PredictionsRef:
     """One JSON line per test example, as its task family writes it (text classification: row_id, the input
     text, label, label_id, score, and the true label if scored)."""
     import datasets
 
-    out = begin_stage(NAME, {"model": model, "data": data, "scored": scored, "paths": paths}, CODE)
+    params = {"model": model, "data": data, "scored": scored, "paths": paths, "bf16_full_eval": bf16_full_eval}
+    out = begin_stage(NAME, params, CODE)
     test = datasets.load_from_disk(data.dataset_dir)[SPLIT]
-    trainer = inference_trainer(model, data, out)
+    trainer = inference_trainer(model, data, out, bf16_full_eval)
     try:
         unscored = test.remove_columns([c for c in trainer.task.target_names if c in test.column_names])
         inputs, restore = by_length(test if scored else unscored, trainer.task)
@@ -45,5 +47,5 @@ def predict(model: ModelRef, data: DatasetRef, scored: bool, paths: PathsConfig)
         path=str(path), fingerprint=file_sha256(path), num_rows=len(test), split=SPLIT, metrics=metrics
     )
     ref.save(out / "ref.json")
-    stage_logger().info("predict: %d rows -> %s %s", len(test), path, metrics or "")
+    stage_logger().info("predict: %d rows -> %s %s%s", len(test), path, metrics or "", BF16_NOTE[bf16_full_eval])
     return ref

@@ -93,6 +93,10 @@ class TrainingArguments:
     mixed_precision: str = "no"
     """no (fp32), fp16 or bf16 (through Accelerate), or auto: bf16 where the hardware runs it natively (CUDA Ampere
     or newer, a CPU with AMX / AVX512-BF16), else no (trainer_core.precision.resolve). conf/ defaults to auto."""
+    bf16_full_eval: bool = False
+    """Score a finished model (the evaluate and predict stages) with its weights cast to bf16, not just under
+    mixed_precision's autocast: faster, half the memory, metrics may move slightly. As in transformers.Trainer,
+    evaluations while training keep the training weights as they are; the trained weights do not depend on it."""
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     """Compile the model's forward with torch.compile (in place: the checkpoints' names do not change)."""

@@ -86,3 +86,11 @@ def precision_problem(mixed_precision: str, key: str = "trainer.mixed_precision"
     if mixed_precision == "fp16" and not fp16_supported():
         return f"{key}=fp16: needs a CUDA GPU. Please use bf16 or no (fp32) on CPU."
     return None
+
+
+def full_eval_problem(bf16_full_eval: bool) -> str | None:
+    """Why trainer.bf16_full_eval cannot run here (and the fix), or None when it can."""
+    if bf16_full_eval and not bf16_supported():
+        return ("trainer.bf16_full_eval=true: this GPU has no bf16 (it needs compute capability 8.0, Ampere, or "
+                "newer): set trainer.bf16_full_eval=false.")
+    return None

@@ -52,7 +52,7 @@ from trainer_core.instantiate import instantiate
 from trainer_core.metrics import is_better
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.optim import config_errors as optimizer_config_errors
-from trainer_core.precision import AUTO, PRECISIONS, precision_problem, resolve
+from trainer_core.precision import AUTO, PRECISIONS, full_eval_problem, precision_problem, resolve
 from trainer_core.spec import DIVERGED, PREEMPTED, TaskSpec
 from trainer_core.strategies import make_strategy
 from trainer_core.tasks._common import bucketed
@@ -239,6 +239,8 @@ class Trainer:
                     f"use one of {', '.join(known)} (or add the metric to task.metrics)."
                 )
         if args.mixed_precision in PRECISIONS and (problem := precision_problem(args.mixed_precision)):
+            errors.append(problem)
+        if problem := full_eval_problem(args.bf16_full_eval):
             errors.append(problem)
         if args.pad_to_multiple_of and not self.task.has_length:
             errors.append(f"trainer.pad_to_multiple_of={args.pad_to_multiple_of}: task.family={self.task_spec.family} "
@@ -657,6 +659,9 @@ class Trainer:
     def _prediction_loop(self, dataset: Any, prefix: str) -> PredictionOutput:
         if not self._is_setup and not self._prepared_for_eval:
             # scoring without training (evaluate / predict stages): put the model on the device once
+            if self.args.bf16_full_eval:  # its weights too, not just autocast's matmuls (Trainer's bf16_full_eval)
+                self.model = self.model.to(torch.bfloat16)
+                logger.info("scoring with the weights in bf16 (trainer.bf16_full_eval)")
             self.model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
             self._prepared_for_eval = True
         return evaluation.prediction_loop(

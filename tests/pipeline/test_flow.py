@@ -162,6 +162,25 @@ def test_changing_only_the_learning_rate_reuses_the_data_stages(run_cli, first, 
     assert int(changed["model_version"]) == 2 and changed["mlflow_run_id"] != rep["mlflow_run_id"]
 
 
+def test_bf16_full_eval_rescores_the_cached_model_without_retraining(run_cli, first) -> None:
+    root, rep, _, _ = first
+    done = run_cli([*FAST, "trainer.bf16_full_eval=true", f"paths.root={root}"])
+    _ok(done)
+    output = done.stdout + done.stderr
+    rescored = report(root)
+    assert {stage: rescored["stages"][stage] for stage in STAGES[:5]} == {
+        "prepare_data": "cached", "batch_plan": "cached", "train": "cached", "evaluate": "ran", "predict": "ran"}
+    changed = re.search(r"evaluate: cache miss \(changed: ([^)]*)\)", output)
+    assert changed and "bf16_full_eval" in changed.group(1).split(", "), output[-3000:]
+    assert "(weights in bf16: trainer.bf16_full_eval)" in output
+    assert rescored["run_dir"] == rep["run_dir"]  # the first run's model, scored again
+    fp32, bf16 = rep["metrics"], rescored["metrics"]
+    assert fp32.keys() == bf16.keys()
+    assert bf16["validation_loss"] != fp32["validation_loss"]  # computed in bf16 weights ...
+    assert bf16["validation_loss"] == pytest.approx(fp32["validation_loss"], rel=0.05)  # ... to bf16's precision
+    assert abs(bf16["test_accuracy"] - fp32["test_accuracy"]) <= 0.05
+
+
 @pytest.fixture(scope="module")
 def glue(glue_folder) -> Path:
     return glue_folder()

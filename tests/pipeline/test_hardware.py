@@ -100,6 +100,20 @@ def test_preflight_refuses_what_this_machine_cannot_do(monkeypatch, overrides, f
         assert fragment in str(info.value)
 
 
+def test_preflight_refuses_bf16_full_eval_on_a_gpu_without_bf16(monkeypatch) -> None:
+    import torch
+
+    from trainer_core import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(precision, "bf16_supported", lambda: False)  # e.g. a V100 or a T4
+    cfg = compose(["hardware=gpu", "trainer.mixed_precision=no", "trainer.bf16_full_eval=true"])
+    with pytest.raises(ConfigError, match=r"hardware=gpu: trainer.bf16_full_eval=true: this GPU has no bf16"):
+        preflight(cfg.hardware, cfg.trainer.mixed_precision, cfg.trainer.bf16_full_eval)
+    preflight(cfg.hardware, "no", False)  # the same GPU in fp32 throughout: nothing to refuse
+
+
 def test_deepspeed_missing_is_refused_before_launch(monkeypatch) -> None:
     """A machine without DeepSpeed (dev installs have it): the preflight names the key and what to do."""
     import sys

@@ -91,3 +91,49 @@ def test_a_replay_pins_what_the_version_was_trained_with() -> None:
                                               "trainer.optim=adamw_torch"]
     mine = replay_overrides(recorded, ["trainer.mixed_precision=no"])
     assert mine[-1] == "trainer.mixed_precision=no" and "trainer.mixed_precision=bf16" not in mine
+
+
+def test_bf16_full_eval_scores_a_finished_model_in_bf16_weights(tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from tests.trainer_core.factories import make_trainer
+
+    full = make_trainer(tmp_path / "bf16", eval_n=13, bf16_full_eval=True)
+    plain = make_trainer(tmp_path / "fp32", eval_n=13)  # the same weights (seeded), fp32
+    got, want = full.predict(full.eval_dataset), plain.predict(plain.eval_dataset)
+    assert {p.dtype for p in full.accelerator.unwrap_model(full.model).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in plain.accelerator.unwrap_model(plain.model).parameters()} == {torch.float32}
+    assert got.predictions.shape == want.predictions.shape == (13, 2)
+    assert not np.array_equal(got.predictions, want.predictions)  # computed in bf16 ...
+    np.testing.assert_allclose(got.predictions, want.predictions, atol=0.05)  # ... to bf16's precision
+    assert got.metrics.keys() == want.metrics.keys()
+
+
+def test_bf16_full_eval_leaves_training_and_its_evaluations_alone(tmp_path) -> None:
+    import torch
+
+    from tests.trainer_core.factories import make_trainer
+
+    runs = {}
+    for flag in (False, True):
+        trainer = make_trainer(tmp_path / str(flag), bf16_full_eval=flag, eval_strategy="steps", eval_steps=3)
+        trainer.train()
+        weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        runs[flag] = {name: tensor.clone() for name, tensor in weights.items()}, evaluations
+    (weights, evaluations), (weights_off, evaluations_off) = runs[True], runs[False]
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert all(torch.equal(weights[name], weights_off[name]) for name in weights_off)  # bit for bit
+    assert [entry["step"] for entry in evaluations] == [3, 6]
+    assert evaluations == evaluations_off
+
+
+def test_bf16_full_eval_where_bf16_cannot_run_is_refused_with_the_fix(monkeypatch, tmp_path) -> None:
+    from tests.trainer_core.factories import make_trainer
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda: False)  # a GPU older than Ampere
+    with pytest.raises(ValueError, match=r"trainer.bf16_full_eval=true: this GPU has no bf16 .* set "
+                                         r"trainer.bf16_full_eval=false"):
+        make_trainer(tmp_path, bf16_full_eval=True)
+    assert make_trainer(tmp_path, bf16_full_eval=False).args.bf16_full_eval is False
