@@ -94,3 +94,19 @@ def full_eval_problem(bf16_full_eval: bool) -> str | None:
         return ("trainer.bf16_full_eval=true: this GPU has no bf16 (it needs compute capability 8.0, Ampere, or "
                 "newer): set trainer.bf16_full_eval=false.")
     return None
+
+
+def bf16_weights(model):
+    """`model` in bf16 for scoring (Trainer's bf16_full_eval): its weights, and the floating inputs it is given,
+    since not every model casts those to its own dtype (SegFormer's pixel_values, say)."""
+    import torch
+
+    def bf16(value):
+        return value.to(torch.bfloat16) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def cast_inputs(_module, args, kwargs):
+        return tuple(bf16(a) for a in args), {k: bf16(v) for k, v in kwargs.items()}
+
+    model = model.to(torch.bfloat16)
+    model.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    return model

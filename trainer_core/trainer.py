@@ -52,7 +52,7 @@ from trainer_core.instantiate import instantiate
 from trainer_core.metrics import is_better
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.optim import config_errors as optimizer_config_errors
-from trainer_core.precision import AUTO, PRECISIONS, full_eval_problem, precision_problem, resolve
+from trainer_core.precision import AUTO, PRECISIONS, bf16_weights, full_eval_problem, precision_problem, resolve
 from trainer_core.spec import DIVERGED, PREEMPTED, TaskSpec
 from trainer_core.strategies import make_strategy
 from trainer_core.tasks._common import bucketed
@@ -660,7 +660,7 @@ class Trainer:
         if not self._is_setup and not self._prepared_for_eval:
             # scoring without training (evaluate / predict stages): put the model on the device once
             if self.args.bf16_full_eval:  # its weights too, not just autocast's matmuls (Trainer's bf16_full_eval)
-                self.model = self.model.to(torch.bfloat16)
+                self.model = bf16_weights(self.model)
                 logger.info("scoring with the weights in bf16 (trainer.bf16_full_eval)")
             self.model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
             self._prepared_for_eval = True

@@ -82,6 +82,28 @@ def test_family_contract(name):
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_full_eval_scores_every_family(name):
+    """trainer.bf16_full_eval's model (bf16 weights, floating inputs cast to match, SegFormer's pixel_values
+    included) scores each family's batch: what the fp32 model gives, to bf16's precision."""
+    from trainer_core.precision import bf16_weights
+
+    family, tokenizer, _, features, model = _case_setup(name)
+    model.eval()
+    columns = family.dataset_columns()
+    batch = family.collator(tokenizer, model)([{k: v for k, v in features[i].items() if k in columns}
+                                               for i in range(2)])
+    inputs, targets = family.split_batch(batch)
+    with torch.no_grad():
+        full = family.eval_step(model, inputs, targets)
+        half = family.eval_step(bf16_weights(model), inputs, targets)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.isfinite(half.loss).all()
+    torch.testing.assert_close(half.loss.float(), full.loss.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(half.items, full.items)
+    assert set(half.outputs) == set(full.outputs)
+
+
 @pytest.fixture(scope="module")
 def lora_defaults(tmp_path_factory):
     from flows.config import compose
