@@ -43,12 +43,15 @@ PHASES = [  # (name, log line where it starts, log line where it ends; None: the
 STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \|")
 
 
+def _of_day(t: datetime) -> float:
+    return t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
+
+
 def _times(log: str, marker: str, after: float = 0.0) -> float | None:
     """Seconds of day of the first line at/after `after` that holds `marker` (Prefect's log timestamps)."""
     for line in log.splitlines():
         if marker in line and (match := STAMP.match(line)):
-            t = datetime.strptime(match.group(1), "%H:%M:%S.%f")
-            seconds = t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
+            seconds = _of_day(datetime.strptime(match.group(1), "%H:%M:%S.%f"))
             if seconds >= after:
                 return seconds
     return None
@@ -66,8 +69,7 @@ def _phases(log: str, started: float) -> dict[str, float]:
 
 def run(checkout: Path, root: Path, overrides: list[str], env: dict[str, str], logs: Path, label: str) -> dict:
     log_path = logs / f"{label}.log"
-    now = datetime.now()
-    of_day = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+    of_day = _of_day(datetime.now())
     started = time.perf_counter()
     with open(log_path, "w") as handle:
         code = subprocess.call([str(checkout / ".venv" / "bin" / "python"), "-m", "flows.finetune",

@@ -47,6 +47,13 @@ def _case_setup(name: str, **model_spec):
     return family, tokenizer, raw, features, model
 
 
+def _two_rows(family, tokenizer, model, features) -> dict:
+    """The family's collated batch of the first two feature rows (the model's columns only)."""
+    columns = family.dataset_columns()
+    return family.collator(tokenizer, model)([{k: v for k, v in features[i].items() if k in columns}
+                                              for i in range(2)])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_contract(name):
     assert get_task(name).config_errors(family_cases()[name].spec) == []
@@ -54,9 +61,7 @@ def test_family_contract(name):
     assert len(features) >= len(raw)
     assert sorted(set(features["example_id"])) == list(range(len(raw)))
     model.eval()
-    columns = family.dataset_columns()
-    rows = [{k: v for k, v in features[i].items() if k in columns} for i in range(2)]
-    batch = family.collator(tokenizer, model)(rows)
+    batch = _two_rows(family, tokenizer, model, features)
     inputs, targets = family.split_batch(batch)
     assert set(targets) == set(family.target_names) and not set(targets) & set(inputs)
 
@@ -90,9 +95,7 @@ def test_bf16_full_eval_scores_every_family(name):
 
     family, tokenizer, _, features, model = _case_setup(name)
     model.eval()
-    columns = family.dataset_columns()
-    batch = family.collator(tokenizer, model)([{k: v for k, v in features[i].items() if k in columns}
-                                               for i in range(2)])
+    batch = _two_rows(family, tokenizer, model, features)
     inputs, targets = family.split_batch(batch)
     with torch.no_grad():
         full = family.eval_step(model, inputs, targets)
@@ -119,9 +122,7 @@ def test_lora_on_every_family(name, tmp_path, lora_defaults):
 
     family, tokenizer, _, features, base = _case_setup(name, dropout=0.0)
     model = adapters.wrap(base, lora_defaults)
-    columns = family.dataset_columns()
-    batch = family.collator(tokenizer, model)([{k: v for k, v in features[i].items() if k in columns}
-                                               for i in range(2)])
+    batch = _two_rows(family, tokenizer, model, features)
     inputs, targets = family.split_batch(batch)
     model.train()
     family.loss(model(**inputs), targets).sum().backward()
