@@ -5,21 +5,18 @@
 MiniLM-L6 with a classification head (the default run's model), one CPU process, fused AdamW, clipping at 1.0:
 the step that transformers.Trainer and trainer_core both run. Prints the median milliseconds of forward, backward,
 clipping, optimizer step and zero_grad over 20 steps, then torch.profiler's operators over 5 more by self CPU time.
-What is not the model's own operators is the trainer's share: the most a trainer can win at the same settings.
+No trainer runs here: these are the operators both trainers share. What a trainer adds around them is measured by
+`bench_trainer.py --interleave`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
+from itertools import pairwise
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from bench_trainer import HYPER, initial_model  # its set-up: offline, the repo on sys.path, the same initial weights
 
 
 def main() -> None:
@@ -31,18 +28,16 @@ def main() -> None:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoModelForSequenceClassification
 
     from flows.config import compose
     from stages.common import resolve_model_path
 
-    model_dir = resolve_model_path(compose([]).model)  # the default run's model (its PyPI wheel)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).train()
+    model = initial_model(resolve_model_path(compose([]).model)).train()  # the default run's model (its PyPI wheel)
     batch = {"input_ids": torch.randint(1000, 20000, (cli.batch, cli.length)),
              "attention_mask": torch.ones(cli.batch, cli.length, dtype=torch.long),
              "labels": torch.randint(0, 2, (cli.batch,))}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=HYPER["learning_rate"], weight_decay=HYPER["weight_decay"],
+                                  fused=True)
 
     def step() -> list[float]:
         marks = [time.perf_counter()]
@@ -50,13 +45,13 @@ def main() -> None:
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["max_grad_norm"])
         marks.append(time.perf_counter())
         optimizer.step()
         marks.append(time.perf_counter())
         optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())
-        return [(b - a) * 1000 for a, b in zip(marks, marks[1:], strict=False)]
+        return [(b - a) * 1000 for a, b in pairwise(marks)]
 
     for _ in range(3):  # warm-up
         step()

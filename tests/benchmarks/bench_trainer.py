@@ -155,8 +155,8 @@ def run_ours(model, train, steps, batch, out: str, collator, mixed_precision: st
 
     # save_on_sigterm off: it installs a signal handler, which only the main thread may (--interleave)
     args = TrainingArguments(save_strategy="no", save_on_sigterm=False, disable_tqdm=True,
-                             per_device_train_batch_size=batch, max_steps=steps, warmup_steps=0.1, logging_steps=10, optim="adamw_torch_fused",
-                             mixed_precision=mixed_precision, train_sampling_strategy="group_by_length", **HYPER)
+                             per_device_train_batch_size=batch, max_steps=steps, warmup_steps=0.1, logging_steps=10,
+                             optim="adamw_torch_fused", mixed_precision=mixed_precision, train_sampling_strategy="group_by_length", **HYPER)
     plan = build_batch_plan(len(train), batch, 1, 0, steps, seed=args.seed, lengths=[len(x) for x in train["input_ids"]],
                             group_by_length=True, shuffle=True)
     trainer = Trainer(model, args, train_dataset=train, batch_plan=plan, output_dir=out, data_collator=collator,
@@ -225,6 +225,9 @@ class Turns:
 
     def _hand_over(self, name: str, started: float, last: bool = False) -> None:
         self.seconds[name] += time.perf_counter() - started
+        self._pass(name, last)
+
+    def _pass(self, name: str, last: bool) -> None:
         with self.changed:
             if last:
                 self.finished.add(name)
@@ -254,10 +257,7 @@ class Turns:
 
     def release(self, name: str) -> None:
         """A trainer that failed: the other one goes on alone."""
-        with self.changed:
-            self.finished.add(name)
-            self.holder = next(n for n in self.names if n != name)
-            self.changed.notify_all()
+        self._pass(name, last=True)
 
 
 def interleaved(names: list[str], steps: int, batch: int, cache: Path, every: int) -> list[dict]:
