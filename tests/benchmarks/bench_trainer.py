@@ -209,16 +209,18 @@ def one(name: str, steps: int, batch: int, cache: Path) -> dict:
 class Turns:
     """Two trainers in two threads take turns of `every` optimizer steps; each one's time is the sum of its turns.
 
-    A callback of each trainer (`callback(name, base)`, base: its framework's TrainerCallback) waits for its turn
-    when training begins, and at the end of every `every`-th step hands the turn to the other (until that one has
-    finished) and waits for it to come back."""
+    Each thread waits for its turn before it builds its trainer: Accelerate's state is process-wide, and our
+    Trainer may reset it, never while the other thread is inside Accelerate. A callback of each trainer
+    (`callback(name, base)`, base: its framework's TrainerCallback) starts the clock when training begins, and at
+    the end of every `every`-th step hands the turn to the other (until that one has finished) and waits for it to
+    come back."""
 
     def __init__(self, names: list[str], every: int) -> None:
         self.names, self.every, self.holder = names, every, names[0]
         self.seconds, self.finished = dict.fromkeys(names, 0.0), set()
         self.changed = threading.Condition()
 
-    def _wait(self, name: str) -> float:
+    def wait(self, name: str) -> float:
         with self.changed:
             self.changed.wait_for(lambda: self.holder == name)
         return time.perf_counter()
@@ -243,12 +245,12 @@ class Turns:
             started = 0.0
 
             def on_train_begin(self, args, state, control, **kwargs):
-                self.started = turns._wait(name)
+                self.started = time.perf_counter()  # in its turn already: the thread waited for it before set-up
 
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step % turns.every == 0 and state.global_step < state.max_steps:
                     turns._hand_over(name, self.started)
-                    self.started = turns._wait(name)
+                    self.started = turns.wait(name)
 
             def on_train_end(self, args, state, control, **kwargs):
                 turns._hand_over(name, self.started, last=True)
@@ -277,6 +279,7 @@ def interleaved(names: list[str], steps: int, batch: int, cache: Path, every: in
     def run(name: str, out: str) -> None:
         base = HFCallback if name.startswith("hf_") else OurCallback
         try:
+            turns.wait(name)
             train_one(name, models[name], train, steps, batch, out, collators[name], [turns.callback(name, base)])
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failures[name] = exc
