@@ -24,6 +24,8 @@ Contenders:
   ours_same      trainer_core at hf_grouped's settings: length-grouped plan, adamw_torch_fused, fp32
   ours_default   trainer_core as the default run configures it: mixed_precision=auto (bf16 where the CPU runs it
                  natively), adamw_torch_fused, length-grouped plan
+  ours_compiled  ours_default with trainer.torch_compile=true (inductor; lengths bucketed to multiples of 16): its
+                 time includes compiling, and the first run on a machine fills inductor's cache (later ones reuse it)
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-CONTENDERS = ("hf_default", "hf_grouped", "accelerate", "ours_same", "ours_default")
+CONTENDERS = ("hf_default", "hf_grouped", "accelerate", "ours_same", "ours_default", "ours_compiled")
 HYPER = dict(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0, seed=42)
 
 
@@ -92,6 +94,13 @@ def padding_collator():
     from trainer_core.tasks import get_task
 
     return get_task("text_classification")(TaskSpec()).collator(None)  # DataCollatorWithPadding's result
+
+
+def contender_collator(name: str):
+    """What the contender's model is handed: torch_compile's trainer rounds lengths up to 16 (counted as padding)."""
+    from trainer_core.tasks._common import bucketed
+
+    return bucketed(padding_collator(), 16) if name == "ours_compiled" else padding_collator()
 
 
 def initial_model(model_dir: str):
@@ -147,7 +156,8 @@ def run_accelerate(model, train, steps, batch, collator) -> None:
                 break
 
 
-def run_ours(model, train, steps, batch, out: str, collator, mixed_precision: str, callbacks=()) -> None:
+def run_ours(model, train, steps, batch, out: str, collator, mixed_precision: str, callbacks=(),
+             compiled: bool = False) -> None:
     from trainer_core.args import TrainingArguments
     from trainer_core.data import build_batch_plan
     from trainer_core.spec import TaskSpec
@@ -156,7 +166,8 @@ def run_ours(model, train, steps, batch, out: str, collator, mixed_precision: st
     # save_on_sigterm off: it installs a signal handler, which only the main thread may (--interleave)
     args = TrainingArguments(save_strategy="no", save_on_sigterm=False, disable_tqdm=True,
                              per_device_train_batch_size=batch, max_steps=steps, warmup_steps=0.1, logging_steps=10,
-                             optim="adamw_torch_fused", mixed_precision=mixed_precision, train_sampling_strategy="group_by_length", **HYPER)
+                             optim="adamw_torch_fused", mixed_precision=mixed_precision, train_sampling_strategy="group_by_length",
+                             torch_compile=compiled, **HYPER)
     plan = build_batch_plan(len(train), batch, 1, 0, steps, seed=args.seed, lengths=[len(x) for x in train["input_ids"]],
                             group_by_length=True, shuffle=True)
     trainer = Trainer(model, args, train_dataset=train, batch_plan=plan, output_dir=out, data_collator=collator,
@@ -188,14 +199,15 @@ def train_one(name: str, model, train, steps: int, batch: int, out: str, collato
     elif name == "accelerate":
         run_accelerate(model, train, steps, batch, collator)
     else:
-        run_ours(model, train, steps, batch, out, collator, "no" if name == "ours_same" else "auto", callbacks)
+        run_ours(model, train, steps, batch, out, collator, "no" if name == "ours_same" else "auto", callbacks,
+                 compiled=name == "ours_compiled")
 
 
 def one(name: str, steps: int, batch: int, cache: Path) -> dict:
     """Train and score one contender in this process; its figures as a dict."""
     train, validation, model_dir = load_data(cache, steps * batch)
     model = initial_model(model_dir)
-    collator = Recording(padding_collator())
+    collator = Recording(contender_collator(name))
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         train_one(name, model, train, steps, batch, out, collator)
@@ -268,12 +280,12 @@ def interleaved(names: list[str], steps: int, batch: int, cache: Path, every: in
 
     from trainer_core.callbacks import TrainerCallback as OurCallback
 
-    if len(names) != 2 or "accelerate" in names:
+    if len(names) != 2 or {"accelerate", "ours_compiled"} & set(names):
         sys.exit("--interleave takes two contenders of hf_default, hf_grouped, ours_same, ours_default (--only a,b)")
     train, validation, model_dir = load_data(cache, steps * batch)
     turns = Turns(names, every)
     models = {name: initial_model(model_dir) for name in names}
-    collators = {name: Recording(padding_collator()) for name in names}
+    collators = {name: Recording(contender_collator(name)) for name in names}
     failures: dict[str, BaseException] = {}
 
     def run(name: str, out: str) -> None:
