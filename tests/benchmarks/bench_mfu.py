@@ -18,10 +18,12 @@ AdamW on CUDA, SDPA attention (transformers' default), no host sync outside logg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,35 +50,64 @@ def peak_tflops(cli_value: float | None) -> float | None:
     return None
 
 
-def synthetic(workload: str, rows: int, block: int, vocab: int, seed: int = 0):
-    import datasets
-
+def synthetic(workload: str, rows: int, block: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Rows as the trainer's dataloader takes them (a list of dicts: no datasets package needed on the GPU box)."""
     rng = np.random.default_rng(seed)
     if workload == "bert":  # MRPC-like pair lengths: [CLS] a [SEP] b [SEP], ~51 tokens on average
         lengths = np.clip(rng.normal(51, 14, rows).astype(int), 16, block)
         ids = [[101, *rng.integers(1000, vocab, n - 2).tolist(), 102] for n in lengths]
-        return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
-                                           "labels": rng.integers(0, 2, rows).tolist()})
-    ids = rng.integers(0, vocab, (rows, block)).tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * block] * rows, "labels": ids})
+        labels = rng.integers(0, 2, rows).tolist()
+        return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(ids, labels, strict=True)]
+    return [{"input_ids": x, "attention_mask": [1] * block, "labels": x} for x in rng.integers(0, vocab, (rows, block)).tolist()]
 
 
 class _Clock:
-    """Times the steps after the warmup ones (a callback: on_step_end syncs nothing itself)."""
+    """Times the steps after the warmup ones, and on CUDA counts each step's host-device syncs: torch's sync debug
+    mode warns at every synchronizing call (.item(), a device-to-host copy, a data-dependent shape), and the
+    callback books the warnings seen so far to the step that just ended (on_step_end syncs nothing itself)."""
 
     def __init__(self, warmup: int):
         from trainer_core.callbacks import TrainerCallback
 
         clock = self
+        self.started, self.syncs, self._warned = None, {}, []
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                clock.syncs[state.global_step] = clock._sync_warnings() - sum(clock.syncs.values())
                 if state.global_step == warmup:
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
                     clock.started = time.perf_counter()
 
-        self.callback, self.started = Callback(), None
+        self.callback = Callback()
+
+    def _sync_warnings(self) -> int:
+        return sum(_is_sync(w) for w in self._warned)
+
+    @contextlib.contextmanager
+    def counting_syncs(self):
+        if not torch.cuda.is_available():
+            yield
+            return
+        with warnings.catch_warnings(record=True) as self._warned:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        for caught in self._warned:  # the others, as they would have been shown
+            if not _is_sync(caught):
+                warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+
+    def syncing_steps(self, warmup: int, logging_steps: int) -> dict[int, int]:
+        """Timed steps that are no logging steps and still synced: {step: syncs}."""
+        return {step: n for step, n in self.syncs.items() if step > warmup and step % logging_steps and n}
+
+
+def _is_sync(caught: warnings.WarningMessage) -> bool:
+    return "synchroniz" in str(caught.message)  # "called a synchronizing CUDA operation"
 
 
 def run(workload: str, cli) -> dict:
@@ -99,14 +130,15 @@ def run(workload: str, cli) -> dict:
                              logging_steps=cli.steps, save_strategy="no", disable_tqdm=True, mixed_precision="auto",
                              optim="adamw_torch_fused", torch_compile=cli.compile, train_sampling_strategy=(
                                  "group_by_length" if workload == "bert" else "random"))
-    lengths = [len(x) for x in data["input_ids"]]
+    lengths = [len(row["input_ids"]) for row in data]
     plan = build_batch_plan(len(data), batch, 1, 0, cli.steps, seed=0, lengths=lengths,
                             group_by_length=workload == "bert", shuffle=True)
     clock = _Clock(cli.warmup)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, args, train_dataset=data, batch_plan=plan, output_dir=out, task=task,
                           task_spec=spec, callbacks=[clock.callback])
-        trainer.train()
+        with clock.counting_syncs():
+            trainer.train()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - clock.started
@@ -114,7 +146,8 @@ def run(workload: str, cli) -> dict:
         tokens = sum(lengths[j] for i in timed for j in plan.micro_batches[i] if j >= 0)
         result = {"workload": workload, "params_m": params / 1e6, "precision": trainer.args.mixed_precision,
                   "attention": getattr(model.config, "_attn_implementation", "?"), "tokens_per_s": tokens / seconds,
-                  "step_ms": 1000 * seconds / (cli.steps - cli.warmup), "tflops": 6 * params * tokens / seconds / 1e12}
+                  "step_ms": 1000 * seconds / (cli.steps - cli.warmup), "tflops": 6 * params * tokens / seconds / 1e12,
+                  "syncs": clock.syncing_steps(cli.warmup, args.logging_steps) if torch.cuda.is_available() else None}
         trainer.cleanup()
     return result
 
@@ -134,13 +167,20 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{device}; peak {peak or '?'} TFLOP/s (bf16 dense); {cli.steps - cli.warmup} timed steps after "
           f"{cli.warmup}; torch.compile {'on' if cli.compile else 'off'}\n")
-    print("| workload | params (M) | precision | attention | tokens/s | step ms | model TFLOP/s | MFU |")
-    print("|---|---:|---|---|---:|---:|---:|---:|")
+    print("| workload | params (M) | precision | attention | tokens/s | step ms | model TFLOP/s | MFU | "
+          "host syncs outside logging steps |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---|")
     for workload in cli.workloads.split(","):
         r = run(workload, cli)
         mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
         print(f"| {workload} | {r['params_m']:.1f} | {r['precision']} | {r['attention']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['step_ms']:.0f} | {r['tflops']:.2f} | {mfu} |", flush=True)
+              f"{r['step_ms']:.0f} | {r['tflops']:.2f} | {mfu} | {_syncs(r['syncs'])} |", flush=True)
+
+
+def _syncs(steps: dict[int, int] | None) -> str:
+    if steps is None:
+        return "- (CUDA only)"
+    return "none" if not steps else f"{sum(steps.values())} in steps {sorted(steps)[:8]}"
 
 
 if __name__ == "__main__":
