@@ -26,7 +26,9 @@ class WeightedCrossEntropy:
         self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        weight = self.class_weights.to(logits.device)
+        if self.class_weights.device != logits.device:  # moved once, not copied (a host sync on CUDA) every step
+            self.class_weights = self.class_weights.to(logits.device)
+        weight = self.class_weights
         if logits.dim() == 3:  # token level: [B, L, C]
             per_token = F.cross_entropy(
                 logits.float().transpose(1, 2), labels.long(), weight=weight, reduction="none",

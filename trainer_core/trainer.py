@@ -438,7 +438,7 @@ class Trainer:
                 # flag rides along in the same collective: every rank learns whether any got one. The result stays
                 # on the device until the next logging / eval / save step reads it (_settle): no sync in between
                 self._sigterm_sent = self._sigterm  # what this rank put in the collective, as of this step
-                flag = torch.tensor(float(self._sigterm_sent), device=local_loss.device, dtype=local_loss.dtype)
+                flag = local_loss.new_full((), float(self._sigterm_sent))  # filled on the device: no copy
                 reduced = acc.reduce(torch.stack([local_loss, flag]), reduction="sum")
                 self._pending.append(_PendingStep(step + 1, reduced, grad_norm, self._step_learning_rate,
                                                   self._step_skipped()))
@@ -558,7 +558,7 @@ class Trainer:
         # counted on the host batches, summed as tensors: whole numbers, so exactly the floats they were
         local_items = sum((self._count_items(b).sum() * int(w) for (_, b), w in zip(window, weights, strict=True)),
                           start=torch.zeros((), dtype=torch.int64))
-        total_items = acc.reduce(local_items.to(acc.device, torch.float32), reduction="sum").clamp(min=1.0)
+        total_items = acc.reduce(self._to_device(local_items.float()), reduction="sum").clamp(min=1.0)
         # accelerator.backward divides the loss by this: the window's own length, as an epoch's last window may be
         # short (DeepSpeed divides by its configured steps instead, see strategy.backward_steps)
         acc.gradient_accumulation_steps = len(window)
@@ -593,9 +593,17 @@ class Trainer:
 
     # --- the task family's part of a step (trainer_core/tasks/base.py) ----------------------------
     def _sum_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        batch = {k: self._to_device(v) for k, v in batch.items()}
         inputs, targets = self.task.split_batch(batch)
         return self.task.loss(model(**inputs), targets).sum()
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor onto the device without waiting for it: on CUDA a copy from pageable memory is a host sync
+        (the host stalls until the device has run everything queued), one from pinned memory with non_blocking is
+        not (the caching host allocator keeps the pinned buffer until the copy is done). On the CPU: itself."""
+        if self.accelerator.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.accelerator.device, non_blocking=True)
 
     def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.task.count_items(self.task.split_batch(batch)[1])

@@ -51,23 +51,60 @@ def _count_reads(monkeypatch, progress: _StepInProgress, training: list[bool]) -
     return reads
 
 
-def test_no_host_reads_outside_logging_steps(tmp_path, monkeypatch) -> None:
-    progress = _StepInProgress()
+def _stepping_trainer(tmp_path, monkeypatch, **overrides):
+    """A trainer of 12 steps logging every 4th, its step in progress, and a flag that turns on at the first step
+    (setup and resume may read and copy what they like)."""
+    progress, training = _StepInProgress(), [False]
     trainer = make_trainer(tmp_path, train_n=96, max_steps=12, logging_steps=4, save_strategy="no",
-                           callback_objects=[progress])
-    training = [False]
+                           callback_objects=[progress], **overrides)
     original_step = trainer.training_step
 
     def counted_step(*args, **kwargs):
-        training[0] = True  # from the first step on: setup and resume may read what they like
+        training[0] = True
         return original_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "training_step", counted_step)
+    return trainer, progress, training
+
+
+def test_no_host_reads_outside_logging_steps(tmp_path, monkeypatch) -> None:
+    trainer, progress, training = _stepping_trainer(tmp_path, monkeypatch)
     reads = _count_reads(monkeypatch, progress, training)
     trainer.train()
     assert trainer.state.global_step == 12
     steps = {step for step, _, _ in reads}
     assert steps and steps <= {4, 8, 12}, sorted(reads.items())  # reads happen, and only on the logging steps
+
+
+@pytest.mark.parametrize("loss", [None, {"_target_": "trainer_core.losses.WeightedCrossEntropy",
+                                          "class_weights": [1.0, 3.0]}])
+def test_the_step_copies_to_the_device_without_waiting_for_it(tmp_path, monkeypatch, loss) -> None:
+    """On CUDA a host-to-device copy from pageable memory, `torch.tensor(x, device=...)` among them, makes the host
+    wait for the device: every copy the step makes (its batches, the item count) is non_blocking (from pinned memory
+    there), and no step builds a device tensor from host data outside the logging steps."""
+    trainer, progress, training = _stepping_trainer(tmp_path, monkeypatch, **({"loss": loss} if loss else {}))
+    moves, built = Counter(), Counter()
+    original_to, original_tensor = torch.Tensor.to, torch.tensor
+
+    def to(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if training[0] and caller.startswith(TRAINING_PATH):
+            moves[kwargs.get("non_blocking", False) or not progress.step % 4] += 1  # logging steps may wait
+        return original_to(self, *args, **kwargs)
+
+    def tensor(*args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if training[0] and caller.startswith(TRAINING_PATH) and "device" in kwargs and progress.step % 4:
+            built[(progress.step, Path(caller).name)] += 1
+        return original_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    trainer.train()
+    assert trainer.state.global_step == 12
+    # per step: the item count and each batch tensor (input_ids, attention_mask, labels), none waiting
+    assert moves[True] >= 12 * 4 and not moves[False], moves
+    assert not built, sorted(built.items())
 
 
 def test_the_logged_numbers_are_those_of_each_step(tmp_path, monkeypatch) -> None:
