@@ -601,7 +601,7 @@ class Trainer:
         """A host tensor onto the device without waiting for it: on CUDA a copy from pageable memory is a host sync
         (the host stalls until the device has run everything queued), one from pinned memory with non_blocking is
         not (the caching host allocator keeps the pinned buffer until the copy is done). On the CPU: itself."""
-        if self.accelerator.device.type == "cuda":
+        if self.accelerator.device.type == "cuda" and tensor.device.type == "cpu":
             tensor = tensor.pin_memory()
         return tensor.to(self.accelerator.device, non_blocking=True)
 
