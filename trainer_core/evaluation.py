@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from trainer_core.transfer import batch_to_device
+
 
 class PredictionOutput(NamedTuple):
     predictions: np.ndarray | None
@@ -29,16 +31,26 @@ class PredictionOutput(NamedTuple):
 
 
 def eval_dataloader(dataset: Any, batch_size: int, collate_fn: Callable, accelerator: Any) -> DataLoader:
-    """Through Accelerate: sharded over the ranks, and gather_for_metrics drops the padding duplicates."""
+    """Through Accelerate: sharded over the ranks, and gather_for_metrics drops the padding duplicates. The loop
+    moves the batches itself (trainer_core.transfer: without a host sync on CUDA)."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False)
-    return accelerator.prepare_data_loader(loader)
+    return accelerator.prepare_data_loader(loader, device_placement=False)
 
 
-def _gather(accelerator: Any, tensor: torch.Tensor, sequence: bool) -> np.ndarray:
+def _gather(accelerator: Any, tensor: torch.Tensor, sequence: bool) -> torch.Tensor:
     if sequence:  # a sequence dimension (dim 1) that batches and ranks may have padded differently
         tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=-100)
-    gathered = accelerator.gather_for_metrics(tensor)
-    return gathered.float().cpu().numpy() if gathered.is_floating_point() else gathered.cpu().numpy()
+    return accelerator.gather_for_metrics(tensor)
+
+
+def _to_host(gathered: list[tuple[dict[str, list], str, torch.Tensor]], totals: dict[str, list]) -> None:
+    """Each (store, name, device tensor) appended to store[name]: a host tensor for `totals` (summed in torch, as
+    they were), else a numpy array (bf16 as float32)."""
+    for store, name, tensor in gathered:
+        if store is totals:
+            store.setdefault(name, []).append(tensor.cpu())
+        else:
+            store.setdefault(name, []).append((tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy())
 
 
 def prediction_loop(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], accelerator: Any,
@@ -55,26 +67,34 @@ def prediction_loop(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
     model.eval()
     outputs: dict[str, list[np.ndarray]] = {}
     targets: dict[str, list[np.ndarray]] = {}
-    losses, items = [], []
+    totals: dict[str, list[torch.Tensor]] = {}  # "loss" and "items" of each batch
+    previous: list[tuple[dict[str, list], str, torch.Tensor]] = []
     # evaluation must not move the training RNG, else a resumed run would diverge from an uninterrupted one;
     # and what it draws (masked LM masks) is the same at every evaluation
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.default_generator.manual_seed(seed)
         for batch in batches:
-            inputs, batch_targets = task.split_batch(batch)
+            inputs, batch_targets = task.split_batch(batch_to_device(batch, acc.device))
             step = task.eval_step(model, inputs, batch_targets)
+            gathered = []
             if step.loss is not None:
-                losses.append(acc.gather_for_metrics(step.loss.detach()).cpu())
-                items.append(acc.gather_for_metrics(step.items).cpu())
+                gathered += [(totals, "loss", acc.gather_for_metrics(step.loss.detach())),
+                             (totals, "items", acc.gather_for_metrics(step.items))]
             step_outputs = dict(step.outputs)
             if preprocess_logits is not None and task.prediction_key in step_outputs:
                 step_outputs[task.prediction_key] = preprocess_logits(step_outputs[task.prediction_key],
                                                                       batch_targets.get("labels"))
             for store, tensors in ((outputs, step_outputs), (targets, batch_targets)):
                 for name, tensor in tensors.items():
-                    store.setdefault(name, []).append(_gather(acc, tensor, name in task.sequence_outputs))
+                    gathered.append((store, name, _gather(acc, tensor, name in task.sequence_outputs)))
+            # the batch before this one to the host: on a GPU its copies wait for it while this batch, queued
+            # already, keeps the device busy (copying this batch's now would leave it idle between batches)
+            _to_host(previous, totals)
+            previous = gathered
+        _to_host(previous, totals)
     if was_training:
         model.train()
+    losses, items = totals.get("loss", []), totals.get("items", [])
     predictions = {name: concat_padded(parts) for name, parts in outputs.items()}
     references = {name: concat_padded(parts) for name, parts in targets.items()}
     metrics: dict[str, float] = {}

@@ -57,6 +57,7 @@ from trainer_core.spec import DIVERGED, PREEMPTED, TaskSpec
 from trainer_core.strategies import make_strategy
 from trainer_core.tasks._common import bucketed
 from trainer_core.tasks.base import TaskFamily
+from trainer_core.transfer import batch_to_device, to_device
 
 logger = logging.getLogger("trainer_core")
 GENERATION_KEYS = ("predict_with_generate", "generation_max_length", "generation_num_beams", "generation_config")
@@ -558,7 +559,7 @@ class Trainer:
         # counted on the host batches, summed as tensors: whole numbers, so exactly the floats they were
         local_items = sum((self._count_items(b).sum() * int(w) for (_, b), w in zip(window, weights, strict=True)),
                           start=torch.zeros((), dtype=torch.int64))
-        total_items = acc.reduce(self._to_device(local_items.float()), reduction="sum").clamp(min=1.0)
+        total_items = acc.reduce(to_device(local_items.float(), acc.device), reduction="sum").clamp(min=1.0)
         # accelerator.backward divides the loss by this: the window's own length, as an epoch's last window may be
         # short (DeepSpeed divides by its configured steps instead, see strategy.backward_steps)
         acc.gradient_accumulation_steps = len(window)
@@ -593,17 +594,8 @@ class Trainer:
 
     # --- the task family's part of a step (trainer_core/tasks/base.py) ----------------------------
     def _sum_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: self._to_device(v) for k, v in batch.items()}
-        inputs, targets = self.task.split_batch(batch)
+        inputs, targets = self.task.split_batch(batch_to_device(batch, self.accelerator.device))
         return self.task.loss(model(**inputs), targets).sum()
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor onto the device without waiting for it: on CUDA a copy from pageable memory is a host sync
-        (the host stalls until the device has run everything queued), one from pinned memory with non_blocking is
-        not (the caching host allocator keeps the pinned buffer until the copy is done). On the CPU: itself."""
-        if self.accelerator.device.type == "cuda" and tensor.device.type == "cpu":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.accelerator.device, non_blocking=True)
 
     def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.task.count_items(self.task.split_batch(batch)[1])

@@ -124,3 +124,44 @@ def test_the_logged_numbers_are_those_of_each_step(tmp_path, monkeypatch) -> Non
         assert logged["loss"] == pytest.approx(sum(window) / 3, rel=1e-12)
         (same_step,) = [h for h in every_step if h["step"] == logged["step"]]
         assert logged["grad_norm"] == same_step["grad_norm"] and logged["learning_rate"] == same_step["learning_rate"]
+
+
+def test_evaluation_reads_each_batch_back_after_queuing_the_next(tmp_path, monkeypatch) -> None:
+    """On a GPU reading a batch's outputs back waits for that batch: the loop reads batch i only once batch i+1 is
+    queued, so the device is never idle between batches; its batches go to the device without waiting; and the
+    metrics are the same as when each batch is read at once."""
+    trainer = make_trainer(tmp_path, eval_n=40)  # 5 batches of 8
+    baseline = trainer.evaluate()
+    events, moves = [], Counter()
+    original_step, original_cpu, original_to = trainer.task.eval_step, torch.Tensor.cpu, torch.Tensor.to
+
+    def eval_step(model, inputs, targets):
+        events.append(("step", None))
+        step = original_step(model, inputs, targets)
+        for tensor in (step.loss, *step.outputs.values()):
+            tensor.batch = sum(kind == "step" for kind, _ in events)  # the batch these outputs come from
+        return step
+
+    def cpu(self, *args, **kwargs):
+        if hasattr(self, "batch"):
+            events.append(("read", self.batch))
+        return original_cpu(self, *args, **kwargs)
+
+    def to(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.startswith(TRAINING_PATH):
+            moves[kwargs.get("non_blocking", False)] += 1
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.task, "eval_step", eval_step)
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    assert trainer.evaluate() == baseline
+    steps = [i for i, (kind, _) in enumerate(events) if kind == "step"]
+    assert len(steps) == 5
+    for batch in range(1, 6):
+        reads = [i for i, (kind, b) in enumerate(events) if kind == "read" and b == batch]
+        assert reads, f"batch {batch}'s outputs were never read back"
+        if batch < 5:  # read after the next batch was queued, before the one after it
+            assert all(steps[batch] < i for i in reads), events
+            assert batch + 1 == 5 or all(i < steps[batch + 1] for i in reads), events
+    assert moves[True] >= 5 * 3 and not moves[False], moves
