@@ -43,14 +43,14 @@ def _gather(accelerator: Any, tensor: torch.Tensor, sequence: bool) -> torch.Ten
     return accelerator.gather_for_metrics(tensor)
 
 
-def _to_host(gathered: list[tuple[dict[str, list], str, torch.Tensor]], totals: dict[str, list]) -> None:
-    """Each (store, name, device tensor) appended to store[name]: a host tensor for `totals` (summed in torch, as
-    they were), else a numpy array (bf16 as float32)."""
-    for store, name, tensor in gathered:
-        if store is totals:
-            store.setdefault(name, []).append(tensor.cpu())
-        else:
-            store.setdefault(name, []).append((tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy())
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return (tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy()  # numpy has no bf16
+
+
+def _to_host(gathered: list[tuple[list, torch.Tensor, Callable]]) -> None:
+    """Each (parts, device tensor, convert): convert(tensor) appended to parts."""
+    for parts, tensor, convert in gathered:
+        parts.append(convert(tensor))
 
 
 def prediction_loop(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], accelerator: Any,
@@ -67,8 +67,8 @@ def prediction_loop(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
     model.eval()
     outputs: dict[str, list[np.ndarray]] = {}
     targets: dict[str, list[np.ndarray]] = {}
-    totals: dict[str, list[torch.Tensor]] = {}  # "loss" and "items" of each batch
-    previous: list[tuple[dict[str, list], str, torch.Tensor]] = []
+    losses, items = [], []  # host tensors: summed in torch
+    previous: list[tuple[list, torch.Tensor, Callable]] = []
     # evaluation must not move the training RNG, else a resumed run would diverge from an uninterrupted one;
     # and what it draws (masked LM masks) is the same at every evaluation
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -78,23 +78,23 @@ def prediction_loop(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
             step = task.eval_step(model, inputs, batch_targets)
             gathered = []
             if step.loss is not None:
-                gathered += [(totals, "loss", acc.gather_for_metrics(step.loss.detach())),
-                             (totals, "items", acc.gather_for_metrics(step.items))]
+                gathered += [(losses, acc.gather_for_metrics(step.loss.detach()), torch.Tensor.cpu),
+                             (items, acc.gather_for_metrics(step.items), torch.Tensor.cpu)]
             step_outputs = dict(step.outputs)
             if preprocess_logits is not None and task.prediction_key in step_outputs:
                 step_outputs[task.prediction_key] = preprocess_logits(step_outputs[task.prediction_key],
                                                                       batch_targets.get("labels"))
             for store, tensors in ((outputs, step_outputs), (targets, batch_targets)):
                 for name, tensor in tensors.items():
-                    gathered.append((store, name, _gather(acc, tensor, name in task.sequence_outputs)))
+                    gathered.append((store.setdefault(name, []), _gather(acc, tensor, name in task.sequence_outputs),
+                                     _numpy))
             # the batch before this one to the host: on a GPU its copies wait for it while this batch, queued
             # already, keeps the device busy (copying this batch's now would leave it idle between batches)
-            _to_host(previous, totals)
+            _to_host(previous)
             previous = gathered
-        _to_host(previous, totals)
+        _to_host(previous)
     if was_training:
         model.train()
-    losses, items = totals.get("loss", []), totals.get("items", [])
     predictions = {name: concat_padded(parts) for name, parts in outputs.items()}
     references = {name: concat_padded(parts) for name, parts in targets.items()}
     metrics: dict[str, float] = {}

@@ -97,10 +97,13 @@ def padding_collator():
 
 
 def contender_collator(name: str):
-    """What the contender's model is handed: torch_compile's trainer rounds lengths up to 16 (counted as padding)."""
+    """What the contender's model is handed: torch_compile's trainer rounds lengths up (counted as padding)."""
+    from trainer_core.args import TrainingArguments
     from trainer_core.tasks._common import bucketed
 
-    return bucketed(padding_collator(), 16) if name == "ours_compiled" else padding_collator()
+    if name != "ours_compiled":
+        return padding_collator()
+    return bucketed(padding_collator(), TrainingArguments(torch_compile=True).sequence_multiple())
 
 
 def initial_model(model_dir: str):
