@@ -130,7 +130,8 @@ class TrainingArguments:
     logging_first_step: bool = False
     eval_strategy: str = "no"
     eval_steps: int | None = None
-    """Evaluate every eval_steps optimizer steps (eval_strategy=steps); defaults to logging_steps."""
+    """Evaluate every eval_steps optimizer steps (eval_strategy=steps), and at the last step (as transformers 5);
+    defaults to logging_steps."""
     save_strategy: str = "steps"
     save_steps: int = 500
     save_total_limit: int | None = None

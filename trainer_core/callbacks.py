@@ -152,6 +152,10 @@ class DefaultFlowCallback(TrainerCallback):
             control.should_save = True
         if state.global_step >= state.max_steps:
             control.should_training_stop = True
+            # as transformers 5: a steps strategy also evaluates the last step (once), so the final checkpoint
+            # has a metric and can be the best one
+            if args.eval_strategy == "steps" and state.global_step % args.resolved_eval_steps() != 0:
+                control.should_evaluate = True
             # the last step is always saved under a steps strategy, so a finished run can be resumed/inspected
             if args.save_strategy == "steps":
                 control.should_save = True

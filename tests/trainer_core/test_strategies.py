@@ -25,7 +25,8 @@ def test_logged_evaluated_and_saved_steps(tmp_path):
     result = trainer.train()
     records = _jsonl(tmp_path)
     assert [r["step"] for r in records if "loss" in r["metrics"]] == [3, 6, 9]
-    assert [r["step"] for r in records if "eval_loss" in r["metrics"]] == [4, 8]
+    # steps 4 and 8, and the last step (transformers 5: a steps strategy evaluates the end of training too)
+    assert [r["step"] for r in records if "eval_loss" in r["metrics"]] == [4, 8, 10]
     assert {"loss", "learning_rate", "grad_norm"} <= records[0]["metrics"].keys()
     assert {"eval_loss", "eval_accuracy"} <= records[1]["metrics"].keys()
     # steps 4 and 8, and the last step always under a steps strategy
@@ -33,6 +34,52 @@ def test_logged_evaluated_and_saved_steps(tmp_path):
     assert result.global_step == 10
     # an epoch is 3 steps of 8 samples: epoch of step 4 is 1 + 1/3
     assert records[1]["epoch"] == pytest.approx(4 / 3)
+
+
+@pytest.mark.parametrize("strategies", [
+    dict(logging_steps=3, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4),
+    dict(logging_steps=5, logging_first_step=True, eval_strategy="steps", eval_steps=5, save_strategy="steps",
+         save_steps=10),
+    dict(logging_steps=2, eval_strategy="steps", save_strategy="no"),  # eval_steps from logging_steps
+    dict(logging_steps=4, eval_strategy="no", save_strategy="steps", save_steps=3),
+    dict(logging_steps=4, eval_strategy="epoch", save_strategy="epoch"),
+])
+def test_flow_decisions_match_transformers(tmp_path, strategies):
+    # log / evaluate / save / stop after each step, ours against transformers' DefaultFlowCallback
+    from transformers import TrainingArguments as HFArgs
+    from transformers.trainer_callback import DefaultFlowCallback as HFFlow
+    from transformers.trainer_callback import TrainerControl as HFControl
+    from transformers.trainer_callback import TrainerState as HFState
+
+    from trainer_core.args import TrainingArguments
+    from trainer_core.callbacks import DefaultFlowCallback, TrainerControl, TrainerState
+
+    max_steps = 11
+    ours_args, hf_args = TrainingArguments(max_steps=max_steps, **strategies), HFArgs(
+        output_dir=str(tmp_path), max_steps=max_steps, use_cpu=True, report_to=[], **strategies)
+    ours_state = TrainerState(max_steps=max_steps)
+    hf_state = HFState(max_steps=max_steps, logging_steps=hf_args.logging_steps, eval_steps=hf_args.eval_steps,
+                       save_steps=hf_args.save_steps)
+    flags = ("should_log", "should_evaluate", "should_save", "should_training_stop")
+    for step in range(1, max_steps + 1):
+        ours_state.global_step = hf_state.global_step = step
+        ours = DefaultFlowCallback().on_step_end(ours_args, ours_state, TrainerControl())
+        theirs = HFFlow().on_step_end(hf_args, hf_state, HFControl())
+        assert {f: getattr(ours, f) for f in flags} == {f: getattr(theirs, f) for f in flags}, step
+        ours = DefaultFlowCallback().on_epoch_end(ours_args, ours_state, TrainerControl())
+        theirs = HFFlow().on_epoch_end(hf_args, hf_state, HFControl())
+        assert {f: getattr(ours, f) for f in flags[1:3]} == {f: getattr(theirs, f) for f in flags[1:3]}, step
+
+
+def test_last_step_can_be_the_best(tmp_path):
+    # eval every 4 steps of 10: the last step is evaluated too, and its checkpoint is the best one loaded
+    trainer = make_trainer(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=4, save_strategy="steps",
+                           save_steps=4, save_total_limit=1, load_best_model_at_end=True,
+                           metric_for_best_model="accuracy", compute_metrics=Scripted([0.5, 0.6, 0.9]))
+    trainer.train()
+    assert trainer.state.best_metric == 0.9
+    assert trainer.state.best_model_checkpoint == str(ckpt.checkpoint_dir(tmp_path, 10))
+    assert _steps(tmp_path) == [10]
 
 
 def test_epoch_strategies(tmp_path):
