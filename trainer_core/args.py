@@ -127,6 +127,8 @@ class TrainingArguments:
 
     # --- strategies --------------------------------------------------------------------------
     logging_steps: int = 10
+    """Log every logging_steps optimizer steps (a whole number, as eval_steps and save_steps: no ratios); note the
+    default, 10 (transformers.TrainingArguments: 500), which eval_steps also falls back to."""
     logging_first_step: bool = False
     eval_strategy: str = "no"
     eval_steps: int | None = None
@@ -226,6 +228,11 @@ class TrainingArguments:
         for name in ("log_level", "log_level_replica"):
             if getattr(self, name) not in LOG_LEVELS:
                 errors.append(f"trainer.{name}={getattr(self, name)!r}: use one of {', '.join(LOG_LEVELS)}.")
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value != int(value):  # transformers reads a value < 1 as a ratio
+                errors.append(f"trainer.{name}={value}: use a whole number of optimizer steps (a ratio of the "
+                              "steps, as transformers reads a value < 1, is not supported).")
         if self.save_strategy == "steps" and self.save_steps <= 0:
             errors.append(f"trainer.save_steps={self.save_steps}: must be > 0 with save_strategy=steps.")
         if self.eval_strategy == "steps" and self.eval_steps is not None and self.eval_steps <= 0:

@@ -31,6 +31,10 @@ def test_all_errors_at_once_before_training(tmp_path, monkeypatch):
         (dict(metric_for_best_model="eval_f1"), "metric_for_best_model='eval_f1'"),
         (dict(early_stopping_patience=2), "early_stopping_patience needs evaluations"),
         (dict(mixed_precision="fp16"), "fp16: needs a CUDA GPU"),
+        # transformers reads these as ratios of the steps; taken as step counts they would never trigger
+        (dict(logging_steps=0.1), "trainer.logging_steps=0.1: use a whole number"),
+        (dict(eval_strategy="steps", eval_steps=0.25), "trainer.eval_steps=0.25: use a whole number"),
+        (dict(save_strategy="steps", save_steps=0.5), "trainer.save_steps=0.5: use a whole number"),
     ],
 )
 def test_single_errors(tmp_path, overrides, needle):
