@@ -170,20 +170,22 @@ class DefaultFlowCallback(TrainerCallback):
 
 
 class EarlyStoppingCallback(TrainerCallback):
-    """Stop after `patience` evaluations in a row without improving the best metric by more than `threshold`."""
+    """Stop after `patience` evaluations in a row that do not improve on the best metric so far (state.best_metric,
+    which the Trainer updates after each evaluation on any improvement) by more than `threshold`: transformers'
+    EarlyStoppingCallback (early_stopping_patience, early_stopping_threshold)."""
 
     def __init__(self, patience: int = 1, threshold: float = 0.0):
         self.patience, self.threshold = patience, threshold
         self.patience_counter = 0
-        self.best: float | None = None
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: dict[str, float] | None = None, **kwargs):
         value = (metrics or {}).get(args.best_metric_key())
         if value is None:
             return control
-        if is_better(value, self.best, args.resolved_greater_is_better(), self.threshold):
-            self.best, self.patience_counter = value, 0
+        # fired before the Trainer updates state.best_metric with this evaluation, as in transformers
+        if is_better(value, state.best_metric, args.resolved_greater_is_better(), self.threshold):
+            self.patience_counter = 0
         else:
             self.patience_counter += 1
         if self.patience_counter >= self.patience:
@@ -191,10 +193,10 @@ class EarlyStoppingCallback(TrainerCallback):
         return control
 
     def state_dict(self) -> dict[str, Any]:
-        return {"patience_counter": self.patience_counter, "best": self.best}
+        return {"patience_counter": self.patience_counter}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.patience_counter, self.best = state["patience_counter"], state["best"]
+        self.patience_counter = state["patience_counter"]  # older checkpoints also hold a "best": unused
 
 
 class ProgressCallback(TrainerCallback):

@@ -125,7 +125,37 @@ def test_early_stopping_end_step(tmp_path):
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2, 4, 6]
     # the counters travel in the checkpoints, so a resumed run stops at the same step
     saved = json.loads((ckpt.checkpoint_dir(tmp_path, 4) / "trainer_state.json").read_text())
-    assert saved["stateful_callbacks"]["EarlyStoppingCallback"] == {"patience_counter": 1, "best": 0.5}
+    assert saved["stateful_callbacks"]["EarlyStoppingCallback"] == {"patience_counter": 1}
+
+
+def _hf_early_stop_step(scores, patience, threshold, eval_steps, max_steps):
+    """The step transformers' EarlyStoppingCallback stops at, the best metric updated as its Trainer does
+    (_determine_best_metric: after on_evaluate, on any improvement)."""
+    from transformers import TrainingArguments as HFArgs
+    from transformers.trainer_callback import EarlyStoppingCallback as HFEarlyStopping
+    from transformers.trainer_callback import TrainerControl as HFControl
+    from transformers.trainer_callback import TrainerState as HFState
+
+    args = HFArgs(output_dir="unused", use_cpu=True, report_to=[], metric_for_best_model="accuracy")
+    callback, state, control = HFEarlyStopping(patience, threshold), HFState(), HFControl()
+    for i, score in enumerate(scores):
+        callback.on_evaluate(args, state, control, metrics={"eval_accuracy": score})
+        if state.best_metric is None or score > state.best_metric:
+            state.best_metric = score
+        if control.should_training_stop:
+            return (i + 1) * eval_steps
+    return max_steps
+
+
+def test_early_stopping_threshold_is_against_the_running_best_as_transformers(tmp_path):
+    # each evaluation improves by 0.03 < threshold 0.05 on the one before (two add up to more than it): transformers
+    # counts each as no improvement, so patience 2 stops at the 3rd evaluation
+    scores, patience, threshold = [0.5, 0.53, 0.56, 0.59, 0.62, 0.65, 0.68, 0.71, 0.74, 0.77], 2, 0.05
+    trainer = make_trainer(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=2, metric_for_best_model="accuracy",
+                           early_stopping_patience=patience, early_stopping_threshold=threshold,
+                           compute_metrics=Scripted(scores))
+    result = trainer.train()
+    assert result.global_step == _hf_early_stop_step(scores, patience, threshold, 2, 20) == 6
 
 
 class Recorder(TrainerCallback):
