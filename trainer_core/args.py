@@ -110,6 +110,10 @@ class TrainingArguments:
 
     # --- regularisation ----------------------------------------------------------------------
     label_smoothing_factor: float = 0.0
+    """Label smoothing of the task's cross-entropies, training and evaluation loss alike (as transformers'
+    LabelSmoother). Unlike transformers.Trainer, which smooths only a `labels` input along the last logits
+    dimension, it also smooths question answering's start / end positions and segmentation's pixel classes;
+    regression's MSE and a trainer.loss hook are left as they are."""
     neftune_noise_alpha: float | None = None
     """NEFTune: uniform noise on input embeddings during training only."""
     train_sampling_strategy: str = "random"
