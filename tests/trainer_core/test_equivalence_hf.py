@@ -105,3 +105,32 @@ def test_matches_transformers_trainer(tmp_path, config):
         torch.testing.assert_close(value, hf_state[name], atol=ATOL, rtol=0, msg=name)
         moved = max(moved, float((value - base.state_dict()[name]).abs().max()))
     assert moved > 1e-3  # the weights did train: equality is not vacuous
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("linear", {}), ("cosine", {"num_cycles": 0.25}), ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {"power": 2.0, "lr_end": 1e-6}), ("constant", {}), ("constant_with_warmup", {}),
+])
+@pytest.mark.parametrize("warmup_steps", [0, 0.1, 0.33, 4])
+def test_schedule_matches_transformers_trainer(tmp_path, kind, kwargs, warmup_steps):
+    # what transformers.Trainer.create_scheduler builds from the same arguments: the same rate at every step
+    from transformers import TrainingArguments as HFArgs
+    from transformers import get_scheduler
+
+    from trainer_core.args import SCHEDULERS
+    from trainer_core.optim import build_scheduler
+
+    assert kind in SCHEDULERS
+    steps = 23
+    args = TrainingArguments(learning_rate=1e-3, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs,
+                             warmup_steps=warmup_steps)
+    hf_args = HFArgs(output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=1e-3,
+                     lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, warmup_steps=warmup_steps)
+    ours_opt, theirs_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in range(2))
+    ours = build_scheduler(ours_opt, args, num_steps=steps)
+    theirs = get_scheduler(kind, theirs_opt, num_warmup_steps=hf_args.get_warmup_steps(steps),
+                           num_training_steps=steps, scheduler_specific_kwargs=hf_args.lr_scheduler_kwargs)
+    for _ in range(steps):
+        assert ours.get_last_lr() == theirs.get_last_lr()
+        ours_opt.step(), theirs_opt.step()
+        ours.step(), theirs.step()
