@@ -134,3 +134,22 @@ def test_schedule_matches_transformers_trainer(tmp_path, kind, kwargs, warmup_st
         assert ours.get_last_lr() == theirs.get_last_lr()
         ours_opt.step(), theirs_opt.step()
         ours.step(), theirs.step()
+
+
+def test_decay_groups_match_transformers_trainer():
+    # no weight decay for biases and norms (LayerNorm modules, RMSNorm by name): transformers.Trainer's own rule
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Trainer as HFTrainer
+
+    from trainer_core.optim import build_optimizer
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
+    for model in (tiny_model(), llama):
+        expected = set(HFTrainer.get_decay_parameter_names(None, model))
+        assert any("norm" in n.lower() for n, _ in model.named_parameters() if n not in expected)
+        decay, no_decay = build_optimizer(model, TrainingArguments(weight_decay=0.1)).param_groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        assert {names[id(p)] for p in decay["params"]} == expected
+        assert {names[id(p)] for p in no_decay["params"]} == set(names.values()) - expected
