@@ -58,6 +58,9 @@ class TrainerState:
     window_loss_sum: float = 0.0
     """Sum of the step losses since the last log (a resumed run logs the same mean)."""
     last_logged_step: int = 0
+    """Step of the last training log, moved on past steps an epoch cut skipped (the window mean is per trained step)."""
+    skipped_steps: int = 0
+    """Steps skipped by should_epoch_stop: counted in global_step (the plan cursor), not trained."""
     is_local_process_zero: bool = True
     is_world_process_zero: bool = True
     stateful_callbacks: dict[str, Any] = field(default_factory=dict)

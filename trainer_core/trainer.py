@@ -459,8 +459,12 @@ class Trainer:
                 if cut_epoch:
                     # skip the rest of the epoch: the skipped steps count as passed, so global_step stays the
                     # plan cursor (a resume lands in the same place); the schedule does not advance for them
-                    step = plan.next_epoch_start(step - 1)
+                    skipped, step = plan.next_epoch_start(step - 1) - step, plan.next_epoch_start(step - 1)
                     state.global_step = step
+                    # neither the logged window mean nor training_loss counts them (transformers' global_step
+                    # never holds untrained steps)
+                    state.skipped_steps += skipped
+                    state.last_logged_step += skipped
                     batches = iter(self._setup_train_dataloader(step))
         finally:
             if previous_handler is not None:
@@ -473,7 +477,7 @@ class Trainer:
             logger.info("Loading best model from %s (%s=%s)", state.best_model_checkpoint,
                         args.best_metric_key(), state.best_metric)
             self.strategy.load_weights(model, state.best_model_checkpoint)
-        steps_done = max(state.global_step, 1)
+        steps_done = max(state.global_step - state.skipped_steps, 1)
         training_loss = state.train_loss_sum / steps_done
         metrics = {"train_loss": training_loss, "epoch": state.epoch}
         self.control = self._fire("on_train_end")

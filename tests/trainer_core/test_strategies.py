@@ -224,6 +224,11 @@ def test_should_epoch_stop_jumps_to_next_epoch(tmp_path):
     assert result.global_step == 6
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 4, 5, 6]
     assert [s for e, s in recorder.events if e == "on_epoch_begin"] == [0, 3]
+    # logging every step: each logged loss is its step's, and training_loss their mean over the 4 trained steps
+    # (as transformers, whose global_step counts trained steps only); the skipped steps 2 and 3 count in neither
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert result.training_loss == pytest.approx(sum(logged) / 4, rel=1e-6)
+    assert min(logged[1:]) > 0.5 * max(logged[1:])  # step 4's loss was divided by the 3 steps since step 1
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
