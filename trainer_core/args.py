@@ -80,7 +80,9 @@ class TrainingArguments:
     optim: str = "adamw_torch"
     """adamw_torch (torch's AdamW, its default foreach / for-loop kernel) or adamw_torch_fused (one fused kernel
     per parameter group: faster on CUDA and on CPU, and transformers.Trainer's default since torch 2.8; its floats
-    differ from adamw_torch's in the last bits). Ignored when trainer.optimizer names a class."""
+    differ from adamw_torch's in the last bits). Ignored when trainer.optimizer names a class. Note the default of
+    this dataclass, adamw_torch, is not transformers.Trainer's (adamw_torch_fused); conf/trainer/default.yaml sets
+    adamw_torch_fused."""
     optimizer: dict[str, Any] | None = None
     """`{_target_: torch.optim.SGD, momentum: 0.9}`: an optimizer class called with (param_groups, lr=...)."""
     lr_scheduler: dict[str, Any] | None = None
