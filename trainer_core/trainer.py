@@ -459,7 +459,8 @@ class Trainer:
                 if cut_epoch:
                     # skip the rest of the epoch: the skipped steps count as passed, so global_step stays the
                     # plan cursor (a resume lands in the same place); the schedule does not advance for them
-                    skipped, step = plan.next_epoch_start(step - 1) - step, plan.next_epoch_start(step - 1)
+                    next_start = plan.next_epoch_start(step - 1)
+                    skipped, step = next_start - step, next_start
                     state.global_step = step
                     # neither the logged window mean nor training_loss counts them (transformers' global_step
                     # never holds untrained steps)
