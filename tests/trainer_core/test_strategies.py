@@ -205,7 +205,7 @@ def test_callback_stops_training(tmp_path):
 
 
 def test_callbacks_from_config(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=20, callbacks=[{"_target_": "test_strategies.StopAt", "step": 2}])
+    trainer = make_trainer(tmp_path, max_steps=20, callbacks=[{"_target_": "tests.trainer_core.test_strategies.StopAt", "step": 2}])
     assert trainer.train().global_step == 2
 
 
