@@ -90,6 +90,9 @@ class TrainingArguments:
     loss: dict[str, Any] | None = None
     """`{_target_: trainer_core.losses.WeightedCrossEntropy, class_weights: [1.0, 3.0]}`: replaces the task loss."""
     seed: int = 42
+    """Seeds the batch plan, and Python / numpy / torch in `trainer_core.run` before the model is built (a new head's
+    initial weights, then dropout). Unlike transformers.Trainer, `Trainer(...)` itself does not re-seed: code that
+    builds one in-process seeds first (`transformers.set_seed(args.seed)`) for dropout to follow the seed."""
 
     # --- precision and memory ----------------------------------------------------------------
     mixed_precision: str = "no"
