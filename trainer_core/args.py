@@ -216,6 +216,17 @@ class TrainingArguments:
         if self.optim not in OPTIMS:
             errors.append(f"trainer.optim={self.optim!r}: use one of {', '.join(OPTIMS)} (or trainer.optimizer: "
                           "{_target_: <class>} for any other optimizer).")
+        # torch's AdamW refuses these only once the ranks build it, after the data is prepared (and on each retry)
+        if not self.optimizer:
+            for name in ("adam_beta1", "adam_beta2"):
+                if not 0.0 <= getattr(self, name) < 1.0:
+                    errors.append(f"trainer.{name}={getattr(self, name)}: must be within [0, 1) (e.g. 0.9 / 0.999).")
+            if self.adam_epsilon < 0:
+                errors.append(f"trainer.adam_epsilon={self.adam_epsilon}: must be >= 0 (e.g. 1e-8).")
+        if self.weight_decay < 0:
+            errors.append(f"trainer.weight_decay={self.weight_decay}: must be >= 0 (0: no decay).")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds (the batch plan's, set_seed's): else a late, unnamed failure
+            errors.append(f"trainer.seed={self.seed}: must be within [0, 2**32) (e.g. trainer.seed=42).")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             errors.append("trainer.max_steps / trainer.num_train_epochs: set max_steps > 0 or num_train_epochs > 0.")
         if self.warmup_ratio is not None:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flows.config import compose
 from flows.finetune import main
+from stages.schema import ConfigError
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
 
@@ -54,6 +56,25 @@ def _fails(capsys, root: Path, overrides: list[str], *fragments: str) -> None:
 )
 def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
     _fails(capsys, tmp_path, overrides, *fragments)
+
+
+@pytest.mark.parametrize(
+    "overrides,fragments",
+    [
+        # refused only by torch, in the ranks, after the data is prepared (and on every retry)
+        (["trainer.adam_beta1=1.5"], ["trainer.adam_beta1=1.5", "[0, 1)"]),
+        (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1", ">= 0"]),
+        # refused by numpy in the batch_plan stage, with a message that names no key
+        (["trainer.seed=-1"], ["trainer.seed=-1", "[0, 2**32)"]),
+    ],
+)
+def test_refused_at_compose_time(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
+    """Values that used to pass the checks and fail later (in a stage, in the ranks, in MLflow) or not at all."""
+    with pytest.raises(ConfigError) as info:
+        compose([*overrides, f"paths.root={tmp_path}"])
+    for fragment in fragments:
+        assert fragment in str(info.value), info.value
+    assert not any(tmp_path.iterdir())
 
 
 def test_dataset_without_the_text_column(capsys, tmp_path: Path, glue: Path) -> None:
