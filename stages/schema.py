@@ -323,6 +323,22 @@ def family_errors(task: TaskConfig) -> list[str]:
     return known[task.family].config_errors(task.spec())
 
 
+def target_errors(trainer: TrainingArguments) -> list[str]:
+    """Each `_target_` of trainer.optimizer / lr_scheduler / loss / callbacks imports (else the ranks fail on it)."""
+    from trainer_core.instantiate import import_object
+
+    configs = [(key, getattr(trainer, key)) for key in ("optimizer", "lr_scheduler", "loss")]
+    configs += [(f"callbacks[{i}]", c) for i, c in enumerate(trainer.callbacks)]
+    errors = []
+    for key, config in configs:
+        if isinstance(config, dict):
+            try:
+                import_object(str(config.get("_target_") or ""))
+            except ValueError as err:
+                errors.append(f"trainer.{key}: {err}")
+    return errors
+
+
 def validate(cfg: FinetuneConfig) -> None:
     """Collect every cross-field problem and raise one ConfigError naming each key and its fix."""
     errors = list(cfg.trainer.validate())
@@ -376,6 +392,7 @@ def validate(cfg: FinetuneConfig) -> None:
         errors.append(f"hardware.distributed_type={hw.distributed_type!r}: use one of {', '.join(HARDWARE_TYPES)}.")
     if hw.num_processes < 1 or hw.num_machines < 1:
         errors.append("hardware.num_processes and hardware.num_machines must be >= 1.")
+    errors += target_errors(cfg.trainer)
     errors += cfg.peft.errors()
     if cfg.peft.enabled and not cfg.registry.merge_adapter and model.name_or_path is None and model.package is None:
         errors.append(f"registry.merge_adapter=false: model={model.name} is a random init, so there are no base "

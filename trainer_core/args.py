@@ -83,11 +83,13 @@ class TrainingArguments:
     differ from adamw_torch's in the last bits). Ignored when trainer.optimizer names a class. Note the default of
     this dataclass, adamw_torch, is not transformers.Trainer's (adamw_torch_fused); conf/trainer/default.yaml sets
     adamw_torch_fused."""
-    optimizer: dict[str, Any] | None = None
+    # these four are mappings or None, typed Any: OmegaConf cannot merge a command line's mapping into a typed
+    # null (`trainer.optimizer={_target_: ...}` would crash in Hydra); validate() checks that they are mappings
+    optimizer: Any = None
     """`{_target_: torch.optim.SGD, momentum: 0.9}`: an optimizer class called with (param_groups, lr=...)."""
-    lr_scheduler: dict[str, Any] | None = None
+    lr_scheduler: Any = None
     """`{_target_: ...}`: a scheduler class called with (optimizer, **kwargs); replaces lr_scheduler_type."""
-    loss: dict[str, Any] | None = None
+    loss: Any = None
     """`{_target_: trainer_core.losses.WeightedCrossEntropy, class_weights: [1.0, 3.0]}`: replaces the task loss."""
     seed: int = 42
     """Seeds the batch plan, and Python / numpy / torch in `trainer_core.run` before the model is built (a new head's
@@ -131,7 +133,7 @@ class TrainingArguments:
     generation_max_length: int | None = None
     """Tokens generated per example at evaluation (generate's max_new_tokens; None: the family's default)."""
     generation_num_beams: int | None = None
-    generation_config: dict[str, Any] | None = None
+    generation_config: Any = None
     """Further GenerationConfig fields for evaluation, e.g. {no_repeat_ngram_size: 3}."""
 
     # --- strategies --------------------------------------------------------------------------
@@ -208,6 +210,11 @@ class TrainingArguments:
             if getattr(self, name) <= 0:
                 errors.append(f"trainer.{name}={getattr(self, name)}: must be > 0.")
 
+        for name in ("optimizer", "lr_scheduler", "loss", "generation_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                what = "GenerationConfig fields" if name == "generation_config" else "_target_: package.module.Name, ..."
+                errors.append(f"trainer.{name}={value!r}: must be a mapping ({{{what}}}) or null.")
         for name in ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "logging_steps"):
             positive(name)

@@ -66,6 +66,11 @@ def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: 
         (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1", ">= 0"]),
         # refused by numpy in the batch_plan stage, with a message that names no key
         (["trainer.seed=-1"], ["trainer.seed=-1", "[0, 2**32)"]),
+        # a documented form that crashed in OmegaConf with a traceback; a value that is no mapping is named
+        (["trainer.optimizer=sgd"], ["trainer.optimizer='sgd'", "_target_"]),
+        (["trainer.optimizer={_target_:torch.optim.Nope}"], ["trainer.optimizer", "torch.optim.Nope", "cannot be imported"]),
+        # refused only in the ranks, after the data is prepared (and on every retry)
+        (["trainer.callbacks=[{_target_:nope.Callback}]"], ["trainer.callbacks[0]", "nope.Callback", "cannot be imported"]),
     ],
 )
 def test_refused_at_compose_time(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:

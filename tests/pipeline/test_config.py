@@ -146,3 +146,14 @@ def test_the_flow_takes_the_command_line_s_config_only_for_the_same_overrides_an
     other = composed(["trainer.learning_rate=1e-4"])  # a flow with other overrides composes its own
     assert other.trainer.learning_rate == 1e-4
     assert composed(["trainer.learning_rate=3e-5"]) is not cli  # and the hand-over is gone
+
+
+def test_a_target_mapping_on_the_command_line_composes() -> None:
+    """`trainer.optimizer={_target_: ...}` (and loss, lr_scheduler, generation_config) replace a null default."""
+    cfg = compose(["trainer.optimizer={_target_:torch.optim.SGD,momentum:0.9}",
+                   "trainer.loss={_target_:trainer_core.losses.WeightedCrossEntropy,class_weights:[1.0,3.0]}",
+                   "trainer.generation_config={num_beams:2}"])
+    assert cfg.trainer.optimizer == {"_target_": "torch.optim.SGD", "momentum": 0.9}
+    assert cfg.trainer.loss["class_weights"] == [1.0, 3.0]
+    assert cfg.trainer.generation_config == {"num_beams": 2}
+    assert compose([]).trainer.optimizer is None
