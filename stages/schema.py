@@ -323,6 +323,25 @@ def family_errors(task: TaskConfig) -> list[str]:
     return known[task.family].config_errors(task.spec())
 
 
+TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+"""The schemes MLflow's tracking and registry stores take (a SQLAlchemy dialect may add `+<driver>`)."""
+
+
+def tracking_uri_errors(uri: str | None) -> list[str]:
+    """tracking.uri: a scheme MLflow has a store for (else its first call in the flow fails, not naming the key)."""
+    if not uri or "://" not in uri and not uri.startswith(("file:", "databricks")):
+        return []  # unset (the SQLite store under paths.root), or a local path (a file store)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in TRACKING_SCHEMES:
+        return []
+    from importlib.metadata import entry_points
+
+    if scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:  # a plugin's scheme
+        return []
+    return [f"tracking.uri={uri}: MLflow has no store for {scheme!r}; use http(s)://<server>, sqlite:///<file>, "
+            f"postgresql://..., or unset it for the SQLite store under paths.root."]
+
+
 def target_errors(trainer: TrainingArguments) -> list[str]:
     """Each `_target_` of trainer.optimizer / lr_scheduler / loss / callbacks imports (else the ranks fail on it)."""
     from trainer_core.instantiate import import_object
@@ -363,6 +382,12 @@ def validate(cfg: FinetuneConfig) -> None:
         )
     if task.max_seq_length <= 0:
         errors.append(f"task.max_seq_length={task.max_seq_length}: must be > 0.")
+    for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        if getattr(task, key) is not None and getattr(task, key) < 1:  # 0 read as "all rows", < 0 as none
+            errors.append(f"task.{key}={getattr(task, key)}: must be >= 1, or null for every row.")
+    if not cfg.tracking.experiment_name.strip():
+        errors.append("tracking.experiment_name is empty: MLflow needs a name (e.g. tracking.experiment_name=finetune).")
+    errors += tracking_uri_errors(cfg.tracking.uri)
     if cfg.tracking.outage_seconds < 0:
         errors.append(f"tracking.outage_seconds={cfg.tracking.outage_seconds}: must be >= 0 (0: fail at once).")
     if not 0.0 < task.validation_fraction < 0.5:
@@ -375,6 +400,12 @@ def validate(cfg: FinetuneConfig) -> None:
                 f"trainer.metric_for_best_model={cfg.trainer.metric_for_best_model!r}: the task produces "
                 f"{', '.join(['loss', *task.metrics])}; pick one of them."
             )
+    name = cfg.registry.model_name
+    if not name.strip() or "/" in name or ":" in name:  # MLflow's rule: refused only at the register stage
+        errors.append(
+            f"registry.model_name={name!r}: MLflow refuses an empty name and names with '/' or ':'; "
+            f"pick another, e.g. registry.model_name={re.sub(r'[/:]', '-', name).strip() or 'my-model'}."
+        )
     if cfg.registry.champion_metric.removeprefix("eval_") not in task.metrics:
         errors.append(
             f"registry.champion_metric={cfg.registry.champion_metric!r}: the task produces "
@@ -382,6 +413,8 @@ def validate(cfg: FinetuneConfig) -> None:
         )
     if model.name_or_path is None and model.package is None and not model.config:
         errors.append(f"model={model.name}: set model.name_or_path, model.package or model.config (random init).")
+    if model.dropout is not None and not 0.0 <= model.dropout <= 1.0:  # else torch refuses it in the ranks
+        errors.append(f"model.dropout={model.dropout}: a probability, within [0, 1] (0 for exact comparisons), or null.")
     from stages.tokenizers import KINDS
 
     if model.tokenizer not in KINDS:
@@ -392,6 +425,10 @@ def validate(cfg: FinetuneConfig) -> None:
         errors.append(f"hardware.distributed_type={hw.distributed_type!r}: use one of {', '.join(HARDWARE_TYPES)}.")
     if hw.num_processes < 1 or hw.num_machines < 1:
         errors.append("hardware.num_processes and hardware.num_machines must be >= 1.")
+    resume = cfg.trainer.resume_from_checkpoint
+    if resume and not Path(resume).expanduser().is_dir():  # else the ranks refuse it, after the data is prepared
+        errors.append(f"trainer.resume_from_checkpoint={resume}: no such folder. Point it at a checkpoint "
+                      "(<run>/checkpoints/step-*) or a final/ folder, or unset it.")
     errors += target_errors(cfg.trainer)
     errors += cfg.peft.errors()
     if cfg.peft.enabled and not cfg.registry.merge_adapter and model.name_or_path is None and model.package is None:

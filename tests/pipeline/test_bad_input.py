@@ -61,16 +61,25 @@ def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: 
 @pytest.mark.parametrize(
     "overrides,fragments",
     [
+        # refused only by the register stage, after training
+        (["registry.model_name=team/reviews"], ["registry.model_name='team/reviews'", "registry.model_name=team-reviews"]),
         # refused only by torch, in the ranks, after the data is prepared (and on every retry)
         (["trainer.adam_beta1=1.5"], ["trainer.adam_beta1=1.5", "[0, 1)"]),
         (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1", ">= 0"]),
+        (["model.dropout=1.5"], ["model.dropout=1.5", "[0, 1]"]),
         # refused by numpy in the batch_plan stage, with a message that names no key
         (["trainer.seed=-1"], ["trainer.seed=-1", "[0, 2**32)"]),
         # a documented form that crashed in OmegaConf with a traceback; a value that is no mapping is named
         (["trainer.optimizer=sgd"], ["trainer.optimizer='sgd'", "_target_"]),
         (["trainer.optimizer={_target_:torch.optim.Nope}"], ["trainer.optimizer", "torch.optim.Nope", "cannot be imported"]),
         # refused only in the ranks, after the data is prepared (and on every retry)
+        (["trainer.resume_from_checkpoint=/no/such/ckpt"], ["trainer.resume_from_checkpoint=/no/such/ckpt", "no such folder"]),
         (["trainer.callbacks=[{_target_:nope.Callback}]"], ["trainer.callbacks[0]", "nope.Callback", "cannot be imported"]),
+        # 0 silently meant every row
+        (["task.max_train_samples=0"], ["task.max_train_samples=0", ">= 1, or null"]),
+        # MLflow refused these inside the flow, naming no key
+        (["tracking.experiment_name=''"], ["tracking.experiment_name is empty"]),
+        (["tracking.uri=foo://bar"], ["tracking.uri=foo://bar", "no store for 'foo'"]),
     ],
 )
 def test_refused_at_compose_time(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
