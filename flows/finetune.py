@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             api.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runtime.create_state_dirs(cfg.paths.root)
+    try:
+        runtime.create_state_dirs(cfg.paths.root)
+    except OSError as exc:  # a file on the way, no permission, a read-only or pseudo file system
+        print(f"error: paths.root={cfg.paths.root}: cannot create the state folder there ({exc}); point paths.root "
+              "at a folder you can write (it is created if missing).", file=sys.stderr)
+        return 2
     # SIGTERM (a scheduler, `timeout`, `kill`) stops the flow as Ctrl-C does: the train stage then SIGTERMs its
     # ranks, which checkpoint the step they are at (trainer.save_on_sigterm) before they exit; the temporary API
     # stops at the exit

@@ -119,3 +119,15 @@ def test_the_real_command_exits_non_zero_without_a_traceback(run_cli, tmp_path: 
     assert done.returncode == 2
     assert "trainer.learning_rate=abc" in done.stderr and "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_root_that_cannot_be_a_folder_is_named(capsys, tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    root = blocker if where == "a file" else blocker / "root"
+    code = main([f"paths.root={root}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert f"paths.root={root}" in err and "a folder you can write" in err
+    assert blocker.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [blocker]
