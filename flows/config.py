@@ -10,6 +10,7 @@ Only this module (and the CLIs) import Hydra: the stages see the dataclasses, no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -130,6 +131,12 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
         raise ConfigError(_explain_hydra_error(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+    if unknown := _appended_keys(cfg):
+        raise ConfigError(
+            f"Invalid configuration: {', '.join(unknown)}: no such key in the schema (stages/schema.py, "
+            "trainer_core/args.py), so nothing would read it. Check the spelling (trainer keys use Hugging Face "
+            "TrainingArguments names) and drop the +."
+        )
     cfg.paths.root = str(Path(os.path.expanduser(cfg.paths.root)).resolve())
     _resolve_precision(cfg)
     if cfg.registry.champion_metric is None:
@@ -140,6 +147,18 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
         cfg.task.dataset_path = str(Path(os.path.expanduser(cfg.task.dataset_path)).resolve())
     validate(cfg)
     return cfg
+
+
+def _appended_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys appended with `+` to a schema group (`+trainer.learnin_rate=1e-3`, as Hydra's own hint suggests):
+    OmegaConf.to_object keeps them as plain attributes that nothing reads, so a typo would pass unnoticed."""
+    if not dataclasses.is_dataclass(node):
+        return []
+    names = [f.name for f in dataclasses.fields(node)]
+    unknown = [f"{prefix}{key}" for key in vars(node) if key not in names]
+    for name in names:
+        unknown += _appended_keys(getattr(node, name), f"{prefix}{name}.")
+    return unknown
 
 
 def _resolve_precision(cfg: Any) -> None:

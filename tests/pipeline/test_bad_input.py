@@ -80,6 +80,8 @@ def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: 
         # MLflow refused these inside the flow, naming no key
         (["tracking.experiment_name=''"], ["tracking.experiment_name is empty"]),
         (["tracking.uri=foo://bar"], ["tracking.uri=foo://bar", "no store for 'foo'"]),
+        # Hydra's own hint for a misspelt key ("use +trainer.learnin_rate=..."): the key was kept and never read
+        (["+trainer.learnin_rate=1e-3"], ["trainer.learnin_rate", "no such key", "drop the +"]),
     ],
 )
 def test_refused_at_compose_time(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
