@@ -66,8 +66,8 @@ def data_preflight(cfg: FinetuneConfig) -> None:
 
 
 def servers_preflight(cfg: FinetuneConfig) -> None:
-    """An http(s) tracking.uri and a set PREFECT_API_URL must answer now: MLflow's client and Prefect's would
-    otherwise retry with back-off for minutes before the first stage fails."""
+    """An http(s) tracking.uri, a set PREFECT_API_URL and a remote paths.results must answer now: MLflow's client
+    and Prefect's would otherwise retry with back-off for minutes before the first stage fails."""
     import os
 
     from stages.health import probe
@@ -78,6 +78,9 @@ def servers_preflight(cfg: FinetuneConfig) -> None:
             f"tracking.uri={uri}: the MLflow server does not answer ({problem}). Start it (`mlflow server --host "
             "127.0.0.1 --port 5000`) or drop tracking.uri to use the local store under paths.root."
         )
+    results = runtime.results_location(cfg.paths.root, cfg.paths.results)
+    if runtime.is_remote(results):  # the flow probes it again; here it is refused before the API and stores start
+        runtime.probe_results(results)
     api_url = os.environ.get("PREFECT_API_URL", "")
     if TemporaryAPI.current is not None and api_url == TemporaryAPI.current.url:
         return  # ours, still booting: start_prefect_api waits for it

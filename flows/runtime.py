@@ -54,7 +54,7 @@ def is_remote(location: str) -> bool:
     return "://" in location
 
 
-def _probe(url: str) -> None:
+def probe_results(url: str) -> None:
     """Refuse a remote paths.results that does not answer (down, wrong endpoint or credentials, no bucket): Prefect
     would only log an error at each stage and run it uncached."""
     import fsspec
@@ -89,7 +89,7 @@ def result_storage(root: str | Path, results: str | None = None):
 
     from prefect.filesystems import RemoteFileSystem
 
-    _probe(location)
+    probe_results(location)
     block = RemoteFileSystem(basepath=location)
     block.save(f"finetune-results-{hashlib.sha256(location.encode()).hexdigest()[:12]}", overwrite=True)
     return block

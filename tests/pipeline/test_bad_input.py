@@ -133,3 +133,19 @@ def test_a_root_that_cannot_be_a_folder_is_named(capsys, tmp_path: Path, where: 
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
     assert f"paths.root={root}" in err and "a folder you can write" in err
     assert blocker.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_a_results_bucket_that_does_not_answer_is_refused_before_anything_starts(capsys, monkeypatch, tmp_path: Path) -> None:
+    s3fs = pytest.importorskip("s3fs")
+    from tests.pipeline.helpers import free_port
+
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(key, value)  # nothing listens there
+    s3fs.S3FileSystem.clear_instance_cache()
+    root = tmp_path / "state"
+    assert main([f"paths.root={root}", "paths.results=s3://records/finetune"]) == 2
+    err = capsys.readouterr().err
+    assert "paths.results=s3://records/finetune: the result storage does not answer" in err and "Traceback" not in err
+    assert not root.exists()  # no temporary Prefect API, no MLflow store, no stage
+    s3fs.S3FileSystem.clear_instance_cache()
