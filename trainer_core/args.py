@@ -27,6 +27,8 @@ OPTIMS = ("adamw_torch", "adamw_torch_fused")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
 SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+COMPILE_MODES = ("default", "lite", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+"""torch.compile's modes for the inductor backend (torch._inductor.list_mode_options() of the pinned torch)."""
 
 log = logging.getLogger(__name__)
 _noticed: set[str] = set()
@@ -234,6 +236,10 @@ class TrainingArguments:
             errors.append(f"trainer.weight_decay={self.weight_decay}: must be >= 0 (0: no decay).")
         if not 0 <= self.seed < 2**32:  # numpy's seeds (the batch plan's, set_seed's): else a late, unnamed failure
             errors.append(f"trainer.seed={self.seed}: must be within [0, 2**32) (e.g. trainer.seed=42).")
+        if self.torch_compile and self.torch_compile_backend in (None, "inductor") \
+                and self.torch_compile_mode is not None and self.torch_compile_mode not in COMPILE_MODES:
+            errors.append(f"trainer.torch_compile_mode={self.torch_compile_mode!r}: use one of {', '.join(COMPILE_MODES)}, "
+                          "or null (default).")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             errors.append("trainer.max_steps / trainer.num_train_epochs: set max_steps > 0 or num_train_epochs > 0.")
         if self.warmup_ratio is not None:

@@ -80,6 +80,7 @@ def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: 
         # MLflow refused these inside the flow, naming no key
         (["tracking.experiment_name=''"], ["tracking.experiment_name is empty"]),
         (["tracking.uri=foo://bar"], ["tracking.uri=foo://bar", "no store for 'foo'"]),
+        (["trainer.torch_compile=true", "trainer.torch_compile_mode=fast"], ["trainer.torch_compile_mode='fast'", "max-autotune"]),
         # Hydra's own hint for a misspelt key ("use +trainer.learnin_rate=..."): the key was kept and never read
         (["+trainer.learnin_rate=1e-3"], ["trainer.learnin_rate", "no such key", "drop the +"]),
     ],
