@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from stages.health import probe
-from stages.tracking import CHAMPION
+from stages.tracking import CHAMPION, CHAMPION_HISTORY
 
-HISTORY_TAG = "champion_history"
+HISTORY_TAG = CHAMPION_HISTORY
 HISTORY_KEEP = 30  # entries of champion_history kept: a tag value has a length limit
 
 

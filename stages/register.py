@@ -22,7 +22,7 @@ from prefect import task
 from stages.caching import REPO, begin_stage, cache_key_fn, code_version, single_writer, stage_logger
 from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
 from stages.schema import PathsConfig, RegistryConfig, TaskConfig
-from stages.tracking import CANDIDATE, CHAMPION, RunInfo, client
+from stages.tracking import CANDIDATE, CHAMPION, CHAMPION_HISTORY, RunInfo, client
 from trainer_core.metrics import is_better
 
 NAME = "register"
@@ -89,17 +89,23 @@ def gate(mlflow_client, registry: RegistryConfig, metrics: dict[str, float], dat
     )
 
 
-def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDecision) -> None:
+def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDecision, data_fingerprint: str) -> None:
     """Flows that pass the gate at the same time all move champion; the last writer must not win with a worse model.
 
     Versions promoted against the same predecessor raced each other: after our own write, champion goes to the
-    best of them. Their gate tags are written before their alias, so whichever finishes last sees them all.
+    best of them. Their gate tags are written before their alias, so whichever finishes last sees them all. Not a
+    racer: a version moved off champion by hand since (a rollback or manual promotion, in champion_history: the
+    team's decision stands), nor one evaluated on other data (its metric does not compare; with no predecessor,
+    every version that once took champion from none has the same gate.champion_version).
     """
     name = registry.model_name
+    demoted = {str(event.get("from")) for event in _champion_history(mlflow_client, name)}
     racers = [
         v for v in mlflow_client.search_model_versions(f"name = '{name}'")
         if v.tags.get("gate.decision") == "promoted"
         and v.tags.get("gate.champion_version") == str(decision.champion_version)
+        and v.tags.get("data_fingerprint") == data_fingerprint
+        and str(v.version) not in demoted
     ]
     if len(racers) < 2:
         return
@@ -107,6 +113,16 @@ def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDeci
     # ties go to the first registered: what a sequential run would have kept
     best = max(racers, key=lambda v: (sign * float(v.tags.get("gate.value", "nan")), -int(v.version)))
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(best.version))
+
+
+def _champion_history(mlflow_client, name: str) -> list[dict]:
+    """The manual champion moves (flows.registry promote / rollback) recorded on the registered model."""
+    raw = mlflow_client.get_registered_model(name).tags.get(CHAMPION_HISTORY)
+    try:
+        history = json.loads(raw) if raw else []
+    except json.JSONDecodeError:
+        return []
+    return [event for event in history if isinstance(event, dict)] if isinstance(history, list) else []
 
 
 def _git_commit() -> str:
@@ -297,7 +313,7 @@ def register(
             mlflow_client.set_model_version_tag(name, version.version, key, value)
         if decision.promote:
             mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
-            _settle_champion(mlflow_client, registry, decision)
+            _settle_champion(mlflow_client, registry, decision, data.fingerprint)
         log.info("register: champion gate %s (%s)", "passed" if decision.promote else "not passed", decision.reason)
     aliases = sorted(mlflow_client.get_model_version(name, version.version).aliases)
     ref = ModelVersionRef(

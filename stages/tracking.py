@@ -24,6 +24,8 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 CANDIDATE, CHAMPION = "candidate", "champion"
 """The registry's aliases: every new version is `candidate`; `champion` moves only through the promotion gate
 (stages/register.py) or by hand (flows/registry.py)."""
+CHAMPION_HISTORY = "champion_history"
+"""Registered model tag: the manual champion moves (flows.registry promote / rollback), JSON."""
 log = logging.getLogger(__name__)
 
 

@@ -56,5 +56,50 @@ def test_concurrent_promotions_leave_the_better_one_champion(client, tmp_path, f
             client.set_model_version_tag(NAME, version, tag, value)
     for key in finish_order:  # each writes its alias, then settles
         client.set_registered_model_alias(NAME, CHAMPION, versions[key][0])
-        _settle_champion(client, registry, decisions[key])
+        _settle_champion(client, registry, decisions[key], DATA)
     assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == versions["better"][0]
+
+
+def _gated(client: MlflowClient, registry: RegistryConfig, version: str, decision: GateDecision) -> None:
+    for tag, value in decision.tags(registry).items():
+        client.set_model_version_tag(NAME, version, tag, value)
+
+
+def test_a_rolled_back_champion_does_not_come_back_through_a_later_promotion(client, tmp_path) -> None:
+    from flows.registry import cmd_rollback
+
+    registry = _registry()
+    first = _version(client, tmp_path, 0.8)
+    client.set_registered_model_alias(NAME, CHAMPION, first)
+    # v2 passed the gate against v1 and took champion; the team found it bad in production and rolled back
+    second = _version(client, tmp_path, 0.9)
+    _gated(client, registry, second, GateDecision(True, "better", 0.9, first, 0.8))
+    client.set_registered_model_alias(NAME, CHAMPION, second)
+    cmd_rollback(client, NAME)
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == first
+    # a later run passes the gate against v1 (the champion it saw): no race, v2 must stay demoted
+    third = _version(client, tmp_path, 0.85)
+    decision = gate(client, registry, {"accuracy": 0.85}, DATA)
+    assert decision.promote and str(decision.champion_version) == first
+    _gated(client, registry, third, decision)
+    client.set_registered_model_alias(NAME, CHAMPION, third)
+    _settle_champion(client, registry, decision, DATA)
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == third
+
+
+def test_a_version_promoted_on_other_data_is_no_racer(client, tmp_path) -> None:
+    registry = _registry()
+    # v1 took champion when there was none, on other data; its champion alias is gone since (v2 replaced it and
+    # was deleted)
+    old = _version(client, tmp_path, 0.95, data="old-data")
+    _gated(client, registry, old, GateDecision(True, "no champion yet", 0.95, None))
+    replaced = _version(client, tmp_path, 0.96, data="old-data")
+    client.set_registered_model_alias(NAME, CHAMPION, replaced)
+    client.delete_model_version(NAME, replaced)
+    new = _version(client, tmp_path, 0.9)
+    decision = gate(client, registry, {"accuracy": 0.9}, DATA)
+    assert decision.promote and decision.champion_version is None
+    _gated(client, registry, new, decision)
+    client.set_registered_model_alias(NAME, CHAMPION, new)
+    _settle_champion(client, registry, decision, DATA)
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == new
