@@ -411,6 +411,12 @@ def validate(cfg: FinetuneConfig) -> None:
             f"registry.champion_metric={cfg.registry.champion_metric!r}: the task produces "
             f"{', '.join(task.metrics)}; pick one of them."
         )
+    name = cfg.registry.model_name
+    if not name.strip() or any(c in name for c in "/:'"):
+        # MLflow refuses '/' and ':' (after training, at registration); a quote breaks its filter grammar, so
+        # the lookup of the same weights' version would fail and every run would register them again
+        errors.append(f"registry.model_name={name!r}: MLflow needs a non-empty name without '/', ':' or quotes; "
+                      "e.g. registry.model_name=team-sentiment.")
     if model.name_or_path is None and model.package is None and not model.config:
         errors.append(f"model={model.name}: set model.name_or_path, model.package or model.config (random init).")
     if model.dropout is not None and not 0.0 <= model.dropout <= 1.0:  # else torch refuses it in the ranks

@@ -125,6 +125,14 @@ def test_missing_dataset_path_is_refused() -> None:
         compose(["task=glue", "task.dataset_path=/nonexistent/glue"])
 
 
+@pytest.mark.parametrize("name", ["team/sentiment", "sentiment:v2", "critic's-model", ""])
+def test_a_registry_name_mlflow_refuses_is_refused_before_training(name: str) -> None:
+    # MLflow refuses '/' and ':' at create_registered_model, and a quote breaks the version lookup's filter
+    # (the same weights would be registered again on every run): say so now, not after training
+    with pytest.raises(ConfigError, match=r"registry.model_name="):
+        compose([f"registry.model_name={name!r}" if name else "registry.model_name=''"])
+
+
 def test_flattened_params_redact_secrets() -> None:
     cfg = compose(["tracking.uri=postgresql://alice:hunter2@127.0.0.1:5432/mlflow"])
     params = flatten(cfg)
