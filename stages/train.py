@@ -29,7 +29,7 @@ from stages.caching import (
 )
 from stages.common import resolve_model_path
 from stages.launch import distributed_spec, launch_command, preflight, write_accelerate_config
-from stages.refs import BatchPlanRef, DatasetRef, ModelRef, file_sha256
+from stages.refs import BatchPlanRef, DatasetRef, ModelRef, Ref, file_sha256
 from stages.schema import HardwareConfig, ModelConfig, PathsConfig, PeftConfig, TaskConfig, stable_hash
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
@@ -139,6 +139,31 @@ def model_ref(run_dir: Path) -> ModelRef | None:
     )
 
 
+def final_problem(run_dir: Path, done: ModelRef | None) -> str | None:
+    """Why run_dir's final/ is not the model this stage finished with, or None: final/ is written whole (a rename),
+    so a final/ without readable weights and train_result.json, or with weights other than those the stage's
+    ref.json recorded, was altered afterwards (a bad copy, bit rot, a hand edit) and must not be evaluated or
+    registered."""
+    final = run_dir / "final"
+    if done is None:
+        return f"{final} is incomplete (no readable model.safetensors and train_result.json)" if final.exists() else None
+    recorded = Ref.load(run_dir / "ref.json")
+    if isinstance(recorded, ModelRef) and recorded.fingerprint != done.fingerprint:
+        return (f"{final / 'model.safetensors'} changed since training wrote it (SHA-256 {done.fingerprint[:12]}, "
+                f"recorded {recorded.fingerprint[:12]})")
+    return None
+
+
+def _remove_final(run_dir: Path) -> None:
+    """Out of the way first (one rename), then deleted: a crash meanwhile leaves no half of final/ to trust."""
+    import shutil
+
+    final, aside = run_dir / "final", run_dir / ".altered-final"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _stream(proc: subprocess.Popen, logger, tail: deque, notes: dict[str, str]) -> None:
     """Each rank line into the stage's log; the first divergence / preemption line into `notes`."""
     assert proc.stdout is not None
@@ -199,7 +224,14 @@ def train(
         if run and run.log_checkpoints:  # each committed checkpoint → a LoggedModel, from a thread of ours
             uploader = checkpoint_store.CheckpointUploader(run, content_key, run_dir, logger, shipper,
                                                            trainer.save_total_limit)
-        if (done := model_ref(run_dir)) is not None:
+        done = model_ref(run_dir)
+        if (problem := final_problem(run_dir, done)) is not None:
+            # rebuilt, not handed on: the ranks resume from the newest complete checkpoint and write final/ again
+            logger.warning("train: %s; removing it, the ranks write it again from the newest complete checkpoint",
+                           problem)
+            _remove_final(run_dir)
+            done = None
+        if done is not None:
             logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)
             if uploader:
                 uploader.start().close()  # a flow stopped before its last uploads: they happen now
