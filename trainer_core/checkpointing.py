@@ -196,6 +196,17 @@ class CheckpointManager:
         self._restore_rng(path, state.global_step, seed)
         return state
 
+    def load_best(self, model: torch.nn.Module, path: str | Path) -> None:
+        """The best checkpoint's weights into `model` (load_best_model_at_end), once its manifest verifies: a copy
+        altered since it was written (bit rot, a bad copy) must not become the final model. Every rank checks."""
+        if (reason := ckpt.verify(path)) is not None:
+            raise ValueError(
+                f"Cannot load the best model (trainer.load_best_model_at_end) from {path}: {reason}. Its files are "
+                "not the ones saved: restore that folder (e.g. from the tracking server's LoggedModel "
+                f"checkpoint-{Path(path).name.removeprefix('step-')}) and run again, or train again in a new run."
+            )
+        self.strategy.load_weights(model, path)
+
     def _restore_rng(self, path: Path, step: int, seed: int) -> None:
         # RNG on a world size change (the plan keeps the global batch, each rank takes its share of it): rank r
         # restores rng_state_r when the checkpoint has it; a rank the saving run did not have takes rank 0's

@@ -477,7 +477,7 @@ class Trainer:
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             logger.info("Loading best model from %s (%s=%s)", state.best_model_checkpoint,
                         args.best_metric_key(), state.best_metric)
-            self.strategy.load_weights(model, state.best_model_checkpoint)
+            self.checkpoints.load_best(model, state.best_model_checkpoint)
         steps_done = max(state.global_step - state.skipped_steps, 1)
         training_loss = state.train_loss_sum / steps_done
         metrics = {"train_loss": training_loss, "epoch": state.epoch}

@@ -172,3 +172,19 @@ def test_resume_to_a_later_max_step_adds_the_missing_steps(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 8))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [f"step-0000000{s}" for s in (2, 4, 6, 7)]
+
+
+def test_a_damaged_best_checkpoint_is_refused_at_the_end_not_loaded(tmp_path):
+    """load_best_model_at_end reads the best checkpoint's weights: a copy whose files no longer verify (bit rot, a bad
+    copy) must stop the run with its name and the problem, not become the final model."""
+    best = dict(max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                load_best_model_at_end=True, metric_for_best_model="accuracy")
+    make_trainer(tmp_path, compute_metrics=Scripted([0.9, 0.5, 0.5]), **best).train()
+    weights = ckpt.checkpoint_dir(tmp_path, 2) / "model.safetensors"  # the best: step 2
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 200, len(data) - 100):  # tensor data: loads without an error
+        data[i] ^= 0x55
+    weights.write_bytes(bytes(data))
+    relaunch = make_trainer(tmp_path, compute_metrics=Scripted([0.5]), **best)  # resumes at step 6, then loads the best
+    with pytest.raises(ValueError, match=r"step-00000002.*hash mismatch in model\.safetensors"):
+        relaunch.train()
