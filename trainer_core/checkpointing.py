@@ -199,7 +199,8 @@ class CheckpointManager:
     def load_best(self, model: torch.nn.Module, path: str | Path) -> None:
         """The best checkpoint's weights into `model` (load_best_model_at_end), once its manifest verifies: a copy
         altered since it was written (bit rot, a bad copy) must not become the final model. Every rank checks."""
-        if (reason := ckpt.verify(path)) is not None:
+        reason = ckpt.verify(path) if Path(path).is_dir() else "no such folder"
+        if reason is not None:
             raise ValueError(
                 f"Cannot load the best model (trainer.load_best_model_at_end) from {path}: {reason}. Its files are "
                 "not the ones saved: restore that folder (e.g. from the tracking server's LoggedModel "

@@ -699,9 +699,12 @@ class Trainer:
                                            self.callback_handler.stateful(), seed=self.args.seed)
         self.extra_state = self.state.stateful_callbacks.get("extra_state", self.extra_state)
         if self.state.best_model_checkpoint is not None:
-            # the path the saving machine wrote; this run's copy of that step is in its own output_dir (a run
-            # resumed elsewhere, or from a checkpoint fetched from the tracking server)
-            self.state.best_model_checkpoint = str(self.checkpoints.folder(self.state.best_global_step))
+            # the path the saving machine wrote: this run's copy of that step in its own output_dir (a run resumed
+            # elsewhere, or from a checkpoint fetched from the tracking server), else that path while it is there
+            # or the step beside the checkpoint loaded (resumed from another run's folder: its best lies there)
+            own = self.checkpoints.folder(self.state.best_global_step)
+            found = [p for p in (own, Path(self.state.best_model_checkpoint), path.parent / own.name) if p.is_dir()]
+            self.state.best_model_checkpoint = str(found[0] if found else own)
         # a killed run may have logged steps after this checkpoint: they will be logged again
         self.metrics_file.truncate_to(self.state.global_step)
 

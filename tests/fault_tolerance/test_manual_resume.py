@@ -140,3 +140,29 @@ def test_flags_need_a_checkpoint():
     errors = TrainingArguments(warm_start=True, continue_training=True).validate()
     assert any("warm_start=true needs trainer.resume_from_checkpoint" in e for e in errors)
     assert any("exclude each other" in e for e in errors)
+
+
+def test_resume_from_another_run_keeps_its_best_checkpoint_for_load_best_model_at_end(tmp_path):
+    """The best so far is a checkpoint of the run resumed from (no later evaluation beats it): the new run's final
+    model is that checkpoint's weights, read where it lies, not a missing folder of the new run."""
+    from safetensors.torch import load_file
+
+    from tests.trainer_core.factories import Scripted
+
+    best = dict(ARGS, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                metric_for_best_model="accuracy", max_steps=6)
+    make_trainer(tmp_path / "ref", compute_metrics=Scripted([0.9, 0.5, 0.5]), **best).train()
+    step2, step4 = (ckpt.checkpoint_dir(tmp_path / "ref", s) for s in (2, 4))
+    resumed = make_trainer(tmp_path / "other", compute_metrics=Scripted([0.5]), resume_from_checkpoint=str(step4),
+                           **best)
+    resumed.train()
+    assert resumed.state.best_model_checkpoint == str(step2)
+    expected = load_file(str(step2 / "model.safetensors"))
+    for name, value in expected.items():
+        assert torch.equal(_weights(resumed)[name], value), name
+    # its own checkpoints record where the best lies: a relaunch of the new run finds it there too
+    resumed.cleanup()
+    relaunch = make_trainer(tmp_path / "other", compute_metrics=Scripted([0.5]), resume_from_checkpoint=str(step4),
+                            **best)
+    relaunch.setup()
+    assert relaunch.state.best_model_checkpoint == str(step2)
