@@ -144,7 +144,7 @@ def fetch_newest(run, key: str, run_dir: Path, logger) -> tuple[Any, Path] | Non
             logger.warning("train: skipping checkpoint %s on the tracking server: %s", model.model_id, exc)
             skip.add(model.model_id)
             continue
-        _fetch_best(run, key, run_dir, path, logger)
+        fetch_best(run, key, run_dir, path, logger)
         return model, path
     return None
 
@@ -157,19 +157,22 @@ def _best_step(folder: Path) -> int | None:
     return int(Path(best).name.removeprefix("step-")) if best else None
 
 
-def _fetch_best(run, key: str, run_dir: Path, newest: Path, logger) -> None:
+def fetch_best(run, key: str, run_dir: Path, newest: Path, logger) -> None:
+    """Download the best checkpoint that `newest` names (load_best_model_at_end reads it at the end of training)
+    unless the run folder has it; a failure is a warning: the resume does not need it, and the next attempt asks
+    again."""
     best = _best_step(newest)
     if best is None or ckpt.checkpoint_dir(run_dir, best).exists():
         return
     from stages.tracking import client
 
-    for model in checkpoint_models(client(run.tracking_uri), run.experiment_id, key):
-        if _ready(model) and _step_of(model) == best:
-            try:
+    try:
+        for model in checkpoint_models(client(run.tracking_uri), run.experiment_id, key):
+            if _ready(model) and _step_of(model) == best:
                 download(model, run_dir, run.tracking_uri)
-            except Exception as exc:  # noqa: BLE001 - the resume does not need it, only load_best_model_at_end
-                logger.warning("train: could not fetch the best checkpoint (step %d): %s", best, exc)
-            return
+                return
+    except Exception as exc:  # noqa: BLE001 - the resume does not need it, only load_best_model_at_end
+        logger.warning("train: could not fetch the best checkpoint (step %d): %s", best, exc)
 
 
 @dataclass

@@ -257,7 +257,9 @@ def _resume_from_server(run: RunInfo, content_key: str, run_dir: Path, logger) -
     the newest complete one the tracking server holds for this training, so the ranks resume from it."""
     from trainer_core import checkpoint as ckpt
 
-    if ckpt.find_resumable(run_dir) is not None:
+    if (own := ckpt.find_resumable(run_dir)) is not None:
+        # the best checkpoint it names (load_best_model_at_end) may have missed an earlier attempt's fetch
+        checkpoint_store.fetch_best(run, content_key, run_dir, own, logger)
         return
     found = checkpoint_store.fetch_newest(run, content_key, run_dir, logger)
     if found is None:
