@@ -254,6 +254,20 @@ def _create_version(mlflow_client, name: str, source: str, run_id: str, tags: di
     return version
 
 
+def _gate_and_alias(mlflow_client, registry: RegistryConfig, name: str, version, metrics: MetricsRef,
+                    data: DatasetRef, log) -> None:
+    """Alias candidate, the gate's decision as tags, then champion if it passed (the tags first: a version with
+    gate.decision has had all of this)."""
+    mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
+    decision = gate(mlflow_client, registry, metrics.metrics, data.fingerprint)
+    for key, value in decision.tags(registry).items():
+        mlflow_client.set_model_version_tag(name, version.version, key, value)
+    if decision.promote:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
+        _settle_champion(mlflow_client, registry, decision, data.fingerprint)
+    log.info("register: champion gate %s (%s)", "passed" if decision.promote else "not passed", decision.reason)
+
+
 @task(name=NAME, cache_key_fn=cache_key_fn(NAME, CODE), persist_result=True, result_serializer="json")
 @single_writer(NAME, CODE)
 def register(
@@ -276,10 +290,16 @@ def register(
     name = registry.model_name
     registered_as = adapters.lineage_tags(model.path, merged=registry.merge_adapter).get("peft.registered_as")
     version = _existing_version(mlflow_client, name, model.fingerprint, registered_as)
-    if version is not None:
+    if version is not None and "gate.decision" in version.tags:
         # Idempotent: the version, its aliases and its gate record stay as they are (re-gating a champion
         # against itself would overwrite the record of the champion it replaced).
         log.info("register: these weights are already %s v%s; reusing it", name, version.version)
+    elif version is not None:
+        # a registration stopped between creating the version and its gate (killed, the server away): the
+        # version is reused, and gets the aliases and the gate decision it missed
+        log.warning("register: %s v%s of these weights has no gate decision (its registration stopped half way): "
+                    "setting its aliases now", name, version.version)
+        _gate_and_alias(mlflow_client, registry, name, version, metrics, data, log)
     else:
         package = _package_model(model, data, task, out, registry.merge_adapter)
         mlflow_client.log_artifacts(run.run_id, str(package), "model")
@@ -307,14 +327,7 @@ def register(
         if best_model_id:
             _link_checkpoint(mlflow_client, best_model_id, name, str(version.version))
         log.info("register: created %s v%s", name, version.version)
-        mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
-        decision = gate(mlflow_client, registry, metrics.metrics, data.fingerprint)
-        for key, value in decision.tags(registry).items():
-            mlflow_client.set_model_version_tag(name, version.version, key, value)
-        if decision.promote:
-            mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
-            _settle_champion(mlflow_client, registry, decision, data.fingerprint)
-        log.info("register: champion gate %s (%s)", "passed" if decision.promote else "not passed", decision.reason)
+        _gate_and_alias(mlflow_client, registry, name, version, metrics, data, log)
     aliases = sorted(mlflow_client.get_model_version(name, version.version).aliases)
     ref = ModelVersionRef(
         name=name, version=str(version.version), aliases=aliases, run_id=run.run_id,

@@ -103,3 +103,34 @@ def test_a_version_promoted_on_other_data_is_no_racer(client, tmp_path) -> None:
     client.set_registered_model_alias(NAME, CHAMPION, new)
     _settle_champion(client, registry, decision, DATA)
     assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == new
+
+
+def test_a_registration_stopped_after_its_version_was_created_is_finished_by_the_rerun(tmp_path) -> None:
+    """Killed (or the server gone) between create_model_version and the gate: the version of these weights exists
+    without aliases or a gate decision. The rerun reuses the version (no second one) and gives it what it missed."""
+    from flows.config import compose
+    from stages import register as stage
+    from stages.refs import DatasetRef, MetricsRef, ModelRef
+    from stages.schema import PathsConfig
+    from stages.tracking import CANDIDATE, RunInfo
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    run = RunInfo(run_id=client.create_run("0").info.run_id, tracking_uri=uri, experiment_id="0")
+    (tmp_path / "final").mkdir()
+    model = ModelRef(path=str(tmp_path / "final"), fingerprint="weights-sha", run_dir=str(tmp_path),
+                     spec_path=str(tmp_path / "spec.json"), global_step=4, training_loss=0.5)
+    client.create_registered_model(NAME)
+    stopped = client.create_model_version(NAME, source=str(tmp_path / "final"), run_id=run.run_id,
+                                          tags={"model_fingerprint": "weights-sha", "data_fingerprint": DATA,
+                                                "peft.method": "none"})
+    metrics = MetricsRef(path=str(tmp_path / "m.json"), metrics={"accuracy": 0.9}, split="validation",
+                         num_samples=8, fingerprint="m")
+    data = DatasetRef(path=str(tmp_path), fingerprint=DATA, num_rows={}, input_columns=["text"], vocab_size=10,
+                      tokenizer_fingerprint="t")
+    ref = stage.register.fn(model=model, metrics=metrics, data=data, task=compose([]).task, registry=_registry(),
+                            tracking_uri=uri, paths=PathsConfig(root=str(tmp_path / "root")), run=run)
+    assert ref.version == str(stopped.version)  # reused, not registered again
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+    version = client.get_model_version(NAME, ref.version)
+    assert sorted(version.aliases) == [CANDIDATE, CHAMPION] and version.tags["gate.decision"] == "promoted"
