@@ -128,22 +128,23 @@ class CheckpointManager:
         return (f"checkpoint {final.name} needs about {_mb(needed)} (the size of {path.name}) but "
                 f"{self.output_dir} has {_mb(free)} free; nothing was written")
 
-    def _write_problem(self, tmp: Path, exc: Exception) -> str | None:
-        """What a failed write says when the filesystem is full (or over quota), else None (not ours to explain).
-        torch.save's zip writer reports ENOSPC as a RuntimeError: then the free space tells."""
+    def _write_problem(self, tmp: Path, exc: Exception, what: str = "") -> str | None:
+        """What a failed write (of checkpoint `tmp`, or `what`) says when the filesystem is full (or over quota),
+        else None (not ours to explain). torch.save's zip writer reports ENOSPC as a RuntimeError: then the free
+        space tells."""
         free = shutil.disk_usage(self.output_dir).free
         errno = getattr(exc, "errno", None)
         if errno == 122:
-            what = "disk quota exceeded"
+            full = "disk quota exceeded"
         elif errno == 28 or free < 2**20:
-            what = "no space left on the device"
+            full = "no space left on the device"
         else:
             return None
         newest = self._newest_size()
         needed = f", about {_mb(newest[1])} needed" if newest else ""
         where = getattr(exc, "filename", None) or tmp
-        return (f"checkpoint {tmp.name.removeprefix('.tmp-')}: {what} writing {where} ({_mb(free)} free{needed}); "
-                "the partial checkpoint was removed")
+        thing = what or f"checkpoint {tmp.name.removeprefix('.tmp-')}"
+        return f"{thing}: {full} writing {where} ({_mb(free)} free{needed}); the partial {what or 'checkpoint'} was removed"
 
     def _agree(self, problem: str | None, tmp: Path) -> None:
         """Every rank learns whether any rank had a problem; then all raise together, the temp folder gone."""
@@ -233,19 +234,33 @@ class CheckpointManager:
         state_dict = self.strategy.full_state_dict(model)
         if acc.is_main_process:
             tmp = self.output_dir / f".tmp-{FINAL}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            unwrapped = acc.unwrap_model(model)
-            if adapters.is_adapted(unwrapped):  # LoRA: the merged model, and the adapter alone in adapter/
-                adapters.save_final(unwrapped, tmp, **self.strategy.save_pretrained_kwargs())
-            else:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict, **self.strategy.save_pretrained_kwargs())
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            (tmp / "train_result.json").write_text(json.dumps(train_result, indent=2, sort_keys=True),
-                                                   encoding="utf-8")
-            sync_tree(tmp)
-            replace_dir(tmp, final)
+            try:
+                self._write_final(model, tokenizer, train_result, state_dict, tmp, final)
+            except (OSError, RuntimeError) as exc:  # a full disk: the same error as a checkpoint's, nothing left
+                if (problem := self._write_problem(tmp, exc, what="final model")) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                kept = ckpt.list_checkpoints(self.output_dir)
+                raise CheckpointWriteFailed(
+                    f"{DISK_FULL} {problem}; "
+                    + (f"the newest complete checkpoint {kept[-1]} is kept" if kept else "no complete checkpoint")
+                    + ": free some space (or move paths.root) and run again to write final/ from it"
+                ) from exc
             logger.info("Saved final model to %s", final)
         acc.wait_for_everyone()
         return final
+
+    def _write_final(self, model: torch.nn.Module, tokenizer: Any, train_result: dict[str, Any],
+                     state_dict: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped = self.accelerator.unwrap_model(model)
+        if adapters.is_adapted(unwrapped):  # LoRA: the merged model, and the adapter alone in adapter/
+            adapters.save_final(unwrapped, tmp, **self.strategy.save_pretrained_kwargs())
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, **self.strategy.save_pretrained_kwargs())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "train_result.json").write_text(json.dumps(train_result, indent=2, sort_keys=True), encoding="utf-8")
+        sync_tree(tmp)
+        replace_dir(tmp, final)

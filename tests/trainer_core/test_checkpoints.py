@@ -188,3 +188,27 @@ def test_a_damaged_best_checkpoint_is_refused_at_the_end_not_loaded(tmp_path):
     relaunch = make_trainer(tmp_path, compute_metrics=Scripted([0.5]), **best)  # resumes at step 6, then loads the best
     with pytest.raises(ValueError, match=r"step-00000002.*hash mismatch in model\.safetensors"):
         relaunch.train()
+
+
+def test_a_full_disk_while_writing_final_fails_as_a_full_disk_and_leaves_nothing_partial(tmp_path, monkeypatch):
+    """ENOSPC in save_final: the run's disk-full error (not retried by the train stage, names the space), no half
+    written .tmp-final left taking space, the last checkpoint kept for the run that writes final/ once space is back."""
+    import errno
+
+    from trainer_core.checkpointing import CheckpointWriteFailed
+    from trainer_core.spec import DISK_FULL
+
+    trainer = make_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+
+    def fill_up(folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 1000)  # half written
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.safetensors"))
+
+    monkeypatch.setattr(model, "save_pretrained", fill_up)
+    with pytest.raises(CheckpointWriteFailed, match=rf"{DISK_FULL}.*no space left.*step-00000004 is kept"):
+        trainer.save_final()
+    assert not (tmp_path / ".tmp-final").exists() and not (tmp_path / "final").exists()
+    assert ckpt.find_resumable(tmp_path) == ckpt.checkpoint_dir(tmp_path, 4)
