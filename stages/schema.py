@@ -401,22 +401,17 @@ def validate(cfg: FinetuneConfig) -> None:
                 f"{', '.join(['loss', *task.metrics])}; pick one of them."
             )
     name = cfg.registry.model_name
-    if not name.strip() or "/" in name or ":" in name:  # MLflow's rule: refused only at the register stage
-        errors.append(
-            f"registry.model_name={name!r}: MLflow refuses an empty name and names with '/' or ':'; "
-            f"pick another, e.g. registry.model_name={re.sub(r'[/:]', '-', name).strip() or 'my-model'}."
-        )
+    if not name.strip() or any(c in name for c in "/:'\""):
+        # MLflow refuses '/' and ':' (after training, at registration); a quote breaks its filter grammar, so
+        # the lookup of the same weights' version would fail and every run would register them again
+        fixed = re.sub(r"[/:'\"]", "-", name).strip() or "my-model"
+        errors.append(f"registry.model_name={name!r}: MLflow needs a non-empty name without '/', ':' or quotes; "
+                      f"pick another, e.g. registry.model_name={fixed}.")
     if cfg.registry.champion_metric.removeprefix("eval_") not in task.metrics:
         errors.append(
             f"registry.champion_metric={cfg.registry.champion_metric!r}: the task produces "
             f"{', '.join(task.metrics)}; pick one of them."
         )
-    name = cfg.registry.model_name
-    if not name.strip() or any(c in name for c in "/:'"):
-        # MLflow refuses '/' and ':' (after training, at registration); a quote breaks its filter grammar, so
-        # the lookup of the same weights' version would fail and every run would register them again
-        errors.append(f"registry.model_name={name!r}: MLflow needs a non-empty name without '/', ':' or quotes; "
-                      "e.g. registry.model_name=team-sentiment.")
     if model.name_or_path is None and model.package is None and not model.config:
         errors.append(f"model={model.name}: set model.name_or_path, model.package or model.config (random init).")
     if model.dropout is not None and not 0.0 <= model.dropout <= 1.0:  # else torch refuses it in the ranks
