@@ -222,6 +222,9 @@ class TrainingArguments:
             positive(name)
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of <= 0:
             errors.append(f"trainer.pad_to_multiple_of={self.pad_to_multiple_of}: must be > 0 (e.g. 8), or null.")
+        for name in ("generation_max_length", "generation_num_beams"):  # else generate refuses it, after training
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                errors.append(f"trainer.{name}={getattr(self, name)}: must be >= 1, or null (the family's default).")
         if self.optim not in OPTIMS:
             errors.append(f"trainer.optim={self.optim!r}: use one of {', '.join(OPTIMS)} (or trainer.optimizer: "
                           "{_target_: <class>} for any other optimizer).")

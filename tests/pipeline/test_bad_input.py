@@ -67,6 +67,9 @@ def test_config_errors(capsys, tmp_path: Path, overrides: list[str], fragments: 
         (["trainer.adam_beta1=1.5"], ["trainer.adam_beta1=1.5", "[0, 1)"]),
         (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1", ">= 0"]),
         (["model.dropout=1.5"], ["model.dropout=1.5", "[0, 1]"]),
+        # refused only by generate, at the evaluation after training
+        (["trainer.generation_num_beams=0"], ["trainer.generation_num_beams=0", ">= 1"]),
+        (["trainer.generation_max_length=0"], ["trainer.generation_max_length=0", ">= 1"]),
         # refused by numpy in the batch_plan stage, with a message that names no key
         (["trainer.seed=-1"], ["trainer.seed=-1", "[0, 2**32)"]),
         # a documented form that crashed in OmegaConf with a traceback; a value that is no mapping is named
