@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 from stages.health import probe
-from stages.tracking import CHAMPION, CHAMPION_HISTORY
+from stages.tracking import CHAMPION, CHAMPION_HISTORY, champion_history
 
-HISTORY_TAG = CHAMPION_HISTORY
 HISTORY_KEEP = 30  # entries of champion_history kept: a tag value has a length limit
 
 
@@ -158,18 +157,10 @@ def previous_champion(version) -> str | None:
     return previous
 
 
-def _history(client, name: str) -> list[dict]:
-    raw = _registered_model(client, name).tags.get(HISTORY_TAG)
-    try:
-        return json.loads(raw) if raw else []
-    except json.JSONDecodeError:
-        return []
-
-
 def _move_champion(client, name: str, version: str, event: dict) -> None:
     client.set_registered_model_alias(name, CHAMPION, version)
-    history = (_history(client, name) + [event])[-HISTORY_KEEP:]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history, separators=(",", ":")))
+    history = (champion_history(_registered_model(client, name)) + [event])[-HISTORY_KEEP:]
+    client.set_registered_model_tag(name, CHAMPION_HISTORY, json.dumps(history, separators=(",", ":")))
 
 
 def _current_champion(client, name: str) -> str | None:

@@ -22,7 +22,7 @@ from prefect import task
 from stages.caching import REPO, begin_stage, cache_key_fn, code_version, single_writer, stage_logger
 from stages.refs import DatasetRef, MetricsRef, ModelRef, ModelVersionRef
 from stages.schema import PathsConfig, RegistryConfig, TaskConfig
-from stages.tracking import CANDIDATE, CHAMPION, CHAMPION_HISTORY, RunInfo, client
+from stages.tracking import CANDIDATE, CHAMPION, RunInfo, champion_history, client
 from trainer_core.metrics import is_better
 
 NAME = "register"
@@ -99,7 +99,7 @@ def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDeci
     every version that once took champion from none has the same gate.champion_version).
     """
     name = registry.model_name
-    demoted = {str(event.get("from")) for event in _champion_history(mlflow_client, name)}
+    demoted = {str(event.get("from")) for event in champion_history(mlflow_client.get_registered_model(name))}
     racers = [
         v for v in mlflow_client.search_model_versions(f"name = '{name}'")
         if v.tags.get("gate.decision") == "promoted"
@@ -113,16 +113,6 @@ def _settle_champion(mlflow_client, registry: RegistryConfig, decision: GateDeci
     # ties go to the first registered: what a sequential run would have kept
     best = max(racers, key=lambda v: (sign * float(v.tags.get("gate.value", "nan")), -int(v.version)))
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(best.version))
-
-
-def _champion_history(mlflow_client, name: str) -> list[dict]:
-    """The manual champion moves (flows.registry promote / rollback) recorded on the registered model."""
-    raw = mlflow_client.get_registered_model(name).tags.get(CHAMPION_HISTORY)
-    try:
-        history = json.loads(raw) if raw else []
-    except json.JSONDecodeError:
-        return []
-    return [event for event in history if isinstance(event, dict)] if isinstance(history, list) else []
 
 
 def _git_commit() -> str:

@@ -26,6 +26,17 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 (stages/register.py) or by hand (flows/registry.py)."""
 CHAMPION_HISTORY = "champion_history"
 """Registered model tag: the manual champion moves (flows.registry promote / rollback), JSON."""
+
+
+def champion_history(registered_model) -> list[dict]:
+    """The manual champion moves recorded on an MLflow RegisteredModel (CHAMPION_HISTORY); [] when none or
+    unreadable."""
+    raw = registered_model.tags.get(CHAMPION_HISTORY)
+    try:
+        history = json.loads(raw) if raw else []
+    except json.JSONDecodeError:
+        return []
+    return [event for event in history if isinstance(event, dict)] if isinstance(history, list) else []
 log = logging.getLogger(__name__)
 
 

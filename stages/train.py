@@ -33,6 +33,7 @@ from stages.refs import BatchPlanRef, DatasetRef, ModelRef, Ref, file_sha256
 from stages.schema import HardwareConfig, ModelConfig, PathsConfig, PeftConfig, TaskConfig, stable_hash
 from stages.tracking import MetricShipper, RunInfo
 from trainer_core.args import TrainingArguments
+from trainer_core.files import remove_dir
 from trainer_core.spec import DISK_FULL, DIVERGED, PREEMPTED, ModelSpec, RunSpec
 
 NAME = "train"
@@ -154,16 +155,6 @@ def final_problem(run_dir: Path, done: ModelRef | None) -> str | None:
     return None
 
 
-def _remove_final(run_dir: Path) -> None:
-    """Out of the way first (one rename), then deleted: a crash meanwhile leaves no half of final/ to trust."""
-    import shutil
-
-    final, aside = run_dir / "final", run_dir / ".altered-final"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(final, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _stream(proc: subprocess.Popen, logger, tail: deque, notes: dict[str, str]) -> None:
     """Each rank line into the stage's log; the first divergence / preemption line into `notes`."""
     assert proc.stdout is not None
@@ -229,7 +220,7 @@ def train(
             # rebuilt, not handed on: the ranks resume from the newest complete checkpoint and write final/ again
             logger.warning("train: %s; removing it, the ranks write it again from the newest complete checkpoint",
                            problem)
-            _remove_final(run_dir)
+            remove_dir(run_dir / "final")
             done = None
         if done is not None:
             logger.info("train: %s already holds a finished model (step %d)", run_dir, done.global_step)

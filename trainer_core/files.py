@@ -74,6 +74,17 @@ def sync_tree(path: str | Path) -> None:
     fsync_dir(root)
 
 
+def remove_dir(path: str | Path) -> None:
+    """Delete a folder by renaming it aside first (`.old-<name>`), then removing that: a crash meanwhile leaves no
+    half of it under its name."""
+    path = Path(path)
+    old = path.with_name(f".old-{path.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(path, old)
+    shutil.rmtree(old)
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> Path:
     """Move a fully written (and synced) folder into place; an existing `final` is replaced whole.
 
@@ -81,11 +92,7 @@ def replace_dir(tmp: str | Path, final: str | Path) -> Path:
     """
     tmp, final = Path(tmp), Path(final)
     if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        shutil.rmtree(old)
+        remove_dir(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
